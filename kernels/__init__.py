@@ -1,0 +1,7 @@
+"""compt.kernels: CoM-PT-specific compute, each kernel beside its PyTorch reference.
+
+Installed as ``compt.kernels`` (never as a top-level ``kernels`` package).
+"""
+from compt.kernels.alignment import feature_alignment_loss_reference
+
+__all__ = ["feature_alignment_loss_reference"]
