@@ -1,0 +1,28 @@
+"""build_dataset: the one entry point from a DataConfig to a map-style dataset.
+
+Validates the config first so every problem is reported at once, with its fix.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from compt.data.config import DataConfig
+from compt.data.dataset import ImageTextDataset
+
+
+def build_dataset(cfg: DataConfig, split: Literal["train", "val"]) -> ImageTextDataset:
+    if split not in ("train", "val"):
+        raise ValueError(f"split: got {split!r}; use 'train' or 'val'")
+    problems = cfg.problems()
+    if problems:
+        raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+    # Imported per kind so digits-only runs never pay for `datasets`' import.
+    if cfg.kind == "digits":
+        from compt.data.digits import build_digits as build
+    elif cfg.kind == "csv":
+        from compt.data.csv import build_csv as build
+    elif cfg.kind == "webdataset":
+        from compt.data.wds import build_webdataset as build
+    else:
+        from compt.data.hf import build_hf as build
+    return build(cfg, split)

@@ -1,0 +1,135 @@
+"""DataConfig: which image-text data a stage trains and evaluates on.
+
+Typed and checked once at the edge; problems() lists every issue with its fix.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict
+
+from compt.data.shards import expand_shards, is_remote
+
+Kind = Literal["digits", "csv", "webdataset", "hf"]
+
+
+class Keys(NamedTuple):
+    image: str
+    caption: str
+    label: str
+
+
+# csv follows open_clip's CsvDataset; webdataset follows its extension naming,
+# where ";" lists alternatives and the first one a sample has wins.
+DEFAULT_KEYS: dict[str, Keys] = {
+    "digits": Keys("image", "caption", "label"),
+    "csv": Keys("filepath", "title", "label"),
+    "webdataset": Keys("jpg;png;jpeg;webp", "txt", "cls"),
+    "hf": Keys("image", "caption", "label"),
+}
+
+WHAT_TO_GIVE = {
+    "csv": "the path of an open_clip CSV (columns {image}, {caption})",
+    "webdataset": "a local .tar shard, a brace pattern like data/shard-{{000..003}}.tar, "
+    "or a directory of .tar files",
+    "hf": "a directory written by datasets' save_to_disk, or a path datasets.load_dataset accepts",
+}
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Kind = "digits"
+    train: str | None = None
+    val: str | None = None
+    image_key: str | None = None
+    caption_key: str | None = None
+    label_key: str | None = None
+    csv_separator: str = "\t"
+    hf_split_train: str = "train"
+    hf_split_val: str = "validation"
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+    # digits only
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    render_size: int = 32
+
+    def resolved_keys(self) -> Keys:
+        default = DEFAULT_KEYS[self.kind]
+        return Keys(
+            self.image_key or default.image,
+            self.caption_key or default.caption,
+            self.label_key or default.label,
+        )
+
+    def problems(self) -> list[str]:
+        """Every problem found, each naming its field and fix; cheap (no data read)."""
+        found: list[str] = []
+        if self.kind != "digits":
+            for field in ("train", "val"):
+                found.extend(self._path_problems(field, getattr(self, field)))
+        if not 0.0 < self.val_fraction < 1.0:
+            found.append(
+                f"data.val_fraction: {self.val_fraction} is not between 0 and 1; "
+                "give a fraction such as 0.2"
+            )
+        if self.render_size < 8:
+            found.append(
+                f"data.render_size: {self.render_size} is below the digits' own 8 pixels; "
+                "give 8 or more, e.g. 32"
+            )
+        if self.classnames is not None and not self.classnames:
+            found.append(
+                "data.classnames: the list is empty; list the class names labels index into, "
+                "or leave it out to skip zero-shot evaluation"
+            )
+        if self.templates is not None:
+            if not self.templates:
+                found.append(
+                    "data.templates: the list is empty; give prompts like 'a photo of a {}.' "
+                    "or leave it out for the defaults"
+                )
+            for t in self.templates:
+                if "{}" not in t:
+                    found.append(
+                        f"data.templates: {t!r} has no '{{}}' for the class name; "
+                        "write it like 'a photo of a {}.'"
+                    )
+        return found
+
+    def _path_problems(self, field: str, path: str | None) -> list[str]:
+        keys = self.resolved_keys()
+        give = WHAT_TO_GIVE[self.kind].format(image=keys.image, caption=keys.caption)
+        if not path:
+            return [f"data.{field}: missing for kind '{self.kind}'; give {give}"]
+        if self.kind == "webdataset":
+            if is_remote(path):
+                return [f"data.{field}: '{path}' is remote but only local shards are supported; "
+                        f"download the shards and give {give}"]
+            shards, missing = expand_shards(path)
+            if missing:
+                names = ", ".join(f"'{m}'" for m in missing[:3])
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                return [f"data.{field}: '{path}' names files that do not exist ({names}{more}); "
+                        f"give {give}"]
+            if not shards:
+                return [f"data.{field}: '{path}' matches no .tar file; give {give}"]
+            return []
+        if self.kind == "hf" and not _looks_local(path):
+            return []  # a hub id: resolved by datasets at build time, not checked offline
+        if not Path(path).expanduser().exists():
+            what = "file" if self.kind == "csv" else "path"
+            return [f"data.{field}: {what} '{path}' does not exist; give {give}"]
+        return []
+
+
+def _looks_local(path: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else is meant as a local path."""
+    return (
+        path.startswith(("/", ".", "~"))
+        or path.count("/") > 1
+        or "\\" in path
+        or Path(path).expanduser().exists()
+    )

@@ -1,0 +1,89 @@
+"""Evaluation of one CLIP model on the validation split: zero-shot classification
+with class prompts, and image<->text retrieval (R@1/5/10).
+
+Models are always called through ``model(image, text)`` (never encode_*), so the
+same code works for a plain module and a ZeRO-3 engine, whose parameters are only
+gathered inside forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from compt.clip.model import Preprocess
+from compt.loader import eval_loader
+
+
+@torch.no_grad()
+def _features(model, loader) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    images, captions, labels = [], [], []
+    for batch in loader:
+        images.append(model(batch.images, None)[0].float())
+        captions += batch.captions
+        labels.append(batch.labels)
+    return torch.cat(images), captions, torch.cat(labels)
+
+
+@torch.no_grad()
+def _encode_texts(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+    out = [model(None, tokenizer(texts[i:i + batch_size]))[1].float() for i in range(0, len(texts), batch_size)]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def _recall(sim: torch.Tensor, correct: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """sim [queries x candidates]; correct[q, c] marks every right answer. R@k = any right one in the top k."""
+    out = {}
+    for k in ks:
+        top = sim.topk(min(k, sim.shape[1]), dim=1).indices
+        out[f"R@{k}"] = correct.gather(1, top).any(dim=1).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, val_ds, pre: Preprocess, batch_size: int = 256, zeroshot: bool = True,
+             retrieval: bool = True) -> dict:
+    """Metrics dict: zeroshot_top1/top5 (None without class names) and retrieval R@k both ways.
+
+    Retrieval candidates are the *distinct* captions: in datasets where several images share
+    a caption (class templates) any image with that caption is a correct answer, which is
+    the standard protocol whenever captions are unique.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        img, captions, labels = _features(model, eval_loader(val_ds, pre, batch_size))
+        metrics: dict = {"zeroshot_top1": None, "zeroshot_top5": None, "retrieval": None, "val_samples": len(val_ds)}
+        if zeroshot and val_ds.classnames and (labels >= 0).all():
+            weights = []
+            for name in val_ds.classnames:
+                emb = _encode_texts(model, pre.tokenizer, [t.format(name) for t in val_ds.templates], batch_size)
+                weights.append(F.normalize(emb.mean(0), dim=-1))
+            logits = img @ torch.stack(weights).T
+            k5 = min(5, logits.shape[1])
+            top = logits.topk(k5, dim=1).indices
+            metrics["zeroshot_top1"] = (top[:, 0] == labels).float().mean().item()
+            metrics["zeroshot_top5"] = (top == labels[:, None]).any(1).float().mean().item()
+        if retrieval:
+            distinct = sorted(set(captions))
+            index = {c: j for j, c in enumerate(distinct)}
+            txt = _encode_texts(model, pre.tokenizer, distinct, batch_size)
+            truth = torch.zeros(len(captions), len(distinct), dtype=torch.bool)
+            truth[torch.arange(len(captions)), torch.tensor([index[c] for c in captions])] = True
+            sim = img @ txt.T
+            metrics["retrieval"] = {"image_to_text": _recall(sim, truth), "text_to_image": _recall(sim.T, truth.T)}
+        return metrics
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def embedding_cosine(student, teacher, batch) -> dict[str, float]:
+    """Mean cosine similarity between student and teacher embeddings on one batch."""
+    s, t = student(batch.images, batch.texts), teacher(
+        batch.teacher_images if batch.teacher_images is not None else batch.images,
+        batch.teacher_texts if batch.teacher_texts is not None else batch.texts)
+    s_img, s_txt = (s[3], s[4]) if len(s) >= 5 else (s[0], s[1])
+    return {
+        "image": F.cosine_similarity(s_img.float(), t[0].float(), dim=-1).mean().item(),
+        "text": F.cosine_similarity(s_txt.float(), t[1].float(), dim=-1).mean().item(),
+    }

@@ -1,0 +1,97 @@
+"""Deterministic data feeding: global batches from a seeded permutation, each rank
+takes its slice, and per-sample augmentation is seeded by (seed, epoch, index), so
+1 rank and N ranks see the same global batches with the same pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from compt.clip.model import Preprocess
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    texts: torch.Tensor
+    teacher_images: torch.Tensor | None = None
+    teacher_texts: torch.Tensor | None = None
+    captions: list[str] | None = None
+    labels: torch.Tensor | None = None
+
+
+class GlobalBatchSampler:
+    """Yields this rank's index list for every micro-step; ``step`` global steps in total."""
+
+    def __init__(self, n: int, global_batch: int, steps: int, rank: int, world: int, gas: int, seed: int):
+        if global_batch > n:
+            raise ValueError(f"batch_size {global_batch} is larger than the dataset ({n} samples); lower batch_size")
+        self.n, self.gb, self.steps, self.rank, self.world, self.gas, self.seed = n, global_batch, steps, rank, world, gas, seed
+        self.micro = global_batch // (world * gas)
+        self.per_epoch = n // global_batch
+
+    def __len__(self) -> int:
+        return self.steps * self.gas
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm, epoch = None, -1
+        for step in range(self.steps):
+            e, b = divmod(step, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e)).tolist()
+            for m in range(self.gas):
+                start = b * self.gb + (m * self.world + self.rank) * self.micro
+                yield [(epoch, i) for i in perm[start:start + self.micro]]
+
+
+class _Seeded(Dataset):
+    """Applies transforms under a per-sample seed so augmentation is rank-count independent."""
+
+    def __init__(self, ds, student: Preprocess, teacher: Preprocess | None, seed: int, train: bool):
+        self.ds, self.student, self.teacher, self.seed, self.train = ds, student, teacher, seed, train
+
+    def __len__(self):
+        return len(self.ds)
+
+    def _transform(self, pre: Preprocess, image, epoch: int, i: int):
+        if not self.train:
+            return pre.eval_transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + i) % (2**63))
+            return pre.train_transform(image)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        ex = self.ds[i]
+        out = [self._transform(self.student, ex.image, epoch, i), ex.caption, ex.label]
+        if self.teacher is not None and self.teacher.key != self.student.key:
+            out.append(self._transform(self.teacher, ex.image, epoch, i))
+        return out
+
+
+def _collate(student: Preprocess, teacher: Preprocess | None):
+    def collate(items) -> Batch:
+        captions = [it[1] for it in items]
+        batch = Batch(torch.stack([it[0] for it in items]), student.tokenizer(captions), captions=captions,
+                      labels=torch.tensor([it[2] for it in items]))
+        if teacher is not None and teacher.key != student.key:
+            batch.teacher_images = torch.stack([it[3] for it in items])
+            batch.teacher_texts = teacher.tokenizer(captions)
+        return batch
+    return collate
+
+
+def train_loader(ds, student: Preprocess, teacher: Preprocess | None, *, global_batch: int, steps: int,
+                 rank: int, world: int, gas: int, seed: int, workers: int = 0) -> DataLoader:
+    sampler = GlobalBatchSampler(len(ds), global_batch, steps, rank, world, gas, seed)
+    return DataLoader(_Seeded(ds, student, teacher, seed, train=True), batch_sampler=sampler,
+                      collate_fn=_collate(student, teacher), num_workers=workers)
+
+
+def eval_loader(ds, pre: Preprocess, batch_size: int, workers: int = 0) -> DataLoader:
+    return DataLoader(_Seeded(ds, pre, None, 0, train=False), batch_size=batch_size, shuffle=False,
+                      collate_fn=_collate(pre, None), num_workers=workers)

@@ -1,0 +1,39 @@
+"""The CoM-PT training objective: CLIP contrastive loss + feature alignment to the teacher.
+
+The contrastive part is open_clip's ClipLoss over the *global* batch (features are
+gathered with gradient), so N ranks compute the same loss as one rank would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import open_clip
+import torch
+
+from compt.kernels import feature_alignment_loss_reference
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    contrastive: torch.Tensor
+    alignment: torch.Tensor | None
+
+
+class ChainLoss:
+    def __init__(self, alpha: float | None, rank: int = 0, world_size: int = 1):
+        self.alpha = alpha
+        self.clip = open_clip.ClipLoss(
+            local_loss=False, gather_with_grad=world_size > 1, rank=rank, world_size=world_size
+        )
+
+    def __call__(self, student: tuple, teacher: tuple | None = None) -> LossParts:
+        """``student`` is the model output: (image, text, logit_scale[, image_for_align, text_for_align]);
+        the last two exist when the student projects to a different teacher embed_dim."""
+        s_img, s_txt, logit_scale = student[:3]
+        contrastive = self.clip(s_img, s_txt, logit_scale.reshape(()))
+        if teacher is None or not self.alpha:
+            return LossParts(contrastive, contrastive, None)
+        a_img, a_txt = student[3:5] if len(student) >= 5 else (s_img, s_txt)
+        align = feature_alignment_loss_reference(a_img, a_txt, teacher[0], teacher[1], self.alpha)
+        return LossParts(contrastive + align, contrastive, align)

@@ -1,0 +1,233 @@
+"""Train one chain stage: build the student under ZeRO-3, grow it from the predecessor,
+train it (contrastive + alignment to the frozen teacher), evaluate, save.
+
+Every rank runs this function; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from compt.clip.grow import grow_tensor, source_name
+from compt.clip.model import build_clip, export_name_and_tensor, load_into, preprocess_for, write_model_config
+from compt.config import ChainConfig
+from compt.engine import build_engine, stage_ds_config, zero_stage
+from compt.evaluate import embedding_cosine, evaluate
+from compt.flops import count_sample_flops
+from compt.loader import Batch, eval_loader, train_loader
+from compt.losses import ChainLoss
+from compt.report import plot_loss, write_loss_csv
+from compt.rundir import RunDir, write_json
+from compt.weights import open_lazy, save_zero3_module, sha256_file
+
+
+@dataclass
+class StageResult:
+    index: int
+    name: str
+    model_cfg: dict[str, Any]
+    dir: Path
+    weights: Path
+    sha256: str | None
+    metrics: dict[str, Any]
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _mean_across_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def load_teacher(prev: StageResult) -> torch.nn.Module:
+    teacher = build_clip(prev.model_cfg)
+    load_into(teacher, load_file(str(prev.weights)))
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, mode: str, zero3: bool) -> int:
+    """Initialise the student from the predecessor's safetensors, one tensor at a time.
+
+    Under ZeRO-3 each student parameter is gathered, rank 0 writes the grown value and
+    DeepSpeed re-partitions it; without ZeRO-3 every rank applies the same rule.
+    Returns the number of student tensors that received teacher weights.
+    """
+    import deepspeed
+
+    rank, _ = _rank_world()
+    changed = 0
+    with open_lazy(prev.weights) as small:
+        for name, p in model.named_parameters():
+            src = source_name(name, prev.model_cfg, model_cfg, mode)
+            if src is None or src not in small.keys():
+                continue
+            changed += 1
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
+                if rank == 0 or not zero3:
+                    with torch.no_grad():
+                        p.data.copy_(grow_tensor(name, p.data, small.get(src), mode))
+    return changed
+
+
+def _teacher_out(teacher, batch: Batch):
+    with torch.no_grad():
+        return teacher(batch.teacher_images if batch.teacher_images is not None else batch.images,
+                       batch.teacher_texts if batch.teacher_texts is not None else batch.texts)
+
+
+def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: StageResult | None,
+                train_ds, val_ds) -> StageResult:
+    import deepspeed
+
+    t0 = time.time()
+    rank, world = _rank_world()
+    stage = cfg.stages[k]
+    model_cfg = cfg.model_cfg(k)
+    settings = stage.settings(cfg.defaults)
+    transfer = cfg.transfer(k)
+    steps = stage.budget.steps_for(len(train_ds), settings.batch_size)
+    ds_cfg = stage_ds_config(ds_base, settings, steps, world)
+    zero3 = zero_stage(ds_cfg) == 3
+    out_dir = run.stage_dir(k, stage.name)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run.update_stage(k, status="running")
+
+    use_teacher = prev is not None and transfer.align and transfer.alpha > 0
+    teacher = load_teacher(prev) if use_teacher else None
+    torch.manual_seed(cfg.seed + k)  # same full init on every rank, whatever the rank count
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=zero3):
+        model = build_clip(model_cfg, align_to_dim=prev.model_cfg["embed_dim"] if use_teacher else None)
+    grown = 0
+    if prev is not None and transfer.init != "none":
+        grown = grow_into(model, prev, model_cfg, transfer.init, zero3)
+    engine = build_engine(model, ds_cfg, settings.weight_decay)
+
+    pre = preprocess_for(model_cfg)
+    t_pre = preprocess_for(prev.model_cfg) if use_teacher else None
+    metrics: dict[str, Any] = {"stage": k, "name": stage.name, "steps": steps, "global_batch": settings.batch_size,
+                               "ranks": world, "grown_tensors": grown,
+                               "transfer": transfer.model_dump() if transfer else None}
+    if prev is not None:
+        # Where the grown student starts, before its first step.
+        probe = teacher if teacher is not None else load_teacher(prev)
+        probe_pre = preprocess_for(prev.model_cfg)
+        first = next(iter(eval_loader(val_ds, pre, min(cfg.eval.batch_size, len(val_ds)))))
+        if probe_pre.key != pre.key:
+            tb = next(iter(eval_loader(val_ds, probe_pre, min(cfg.eval.batch_size, len(val_ds)))))
+            first.teacher_images, first.teacher_texts = tb.images, tb.texts
+        engine.eval()
+        metrics["init_cosine"] = embedding_cosine(engine, probe, first)
+        init = evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, retrieval=False)
+        metrics["init_zeroshot_top1"] = init["zeroshot_top1"]
+        engine.train()
+        del probe
+
+    loss_fn = ChainLoss(transfer.alpha if use_teacher else None, rank, world)
+    loader = train_loader(train_ds, pre, t_pre, global_batch=settings.batch_size, steps=steps, rank=rank, world=world,
+                          gas=engine.gradient_accumulation_steps(), seed=cfg.seed + k)
+    curve: list[dict[str, float]] = []
+    bar = tqdm(total=steps, desc=f"stage {k} {stage.name}", disable=rank != 0, dynamic_ncols=True)
+    engine.train()
+    for micro, batch in enumerate(loader):
+        out = engine(batch.images, batch.texts)
+        parts = loss_fn(out, _teacher_out(teacher, batch) if teacher is not None else None)
+        if not torch.isfinite(parts.total):
+            raise FloatingPointError(f"stage {k} ({stage.name}): non-finite loss {parts.total.item()} at step "
+                                     f"{micro // engine.gradient_accumulation_steps()}; lower lr or check the data")
+        engine.backward(parts.total)
+        engine.step()
+        if (micro + 1) % engine.gradient_accumulation_steps() == 0:
+            total, con, ali = _mean_across_ranks([parts.total.item(), parts.contrastive.item(),
+                                                  parts.alignment.item() if parts.alignment is not None else 0.0])
+            step = len(curve) + 1
+            curve.append({"step": step, "loss": total, "contrastive": con, "alignment": ali,
+                          "lr": engine.get_lr()[0]})
+            bar.update(1)
+            if step % settings.log_every == 0 or step == steps:
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{engine.get_lr()[0]:.2e}")
+    bar.close()
+    train_seconds = time.time() - t0
+
+    metrics.update(evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, cfg.eval.retrieval))
+    samples = steps * settings.batch_size
+    student_flops = count_sample_flops(model_cfg).train * samples
+    teacher_flops = count_sample_flops(prev.model_cfg).forward * samples if use_teacher else 0
+    metrics["samples_seen"] = samples
+    metrics["flops"] = {"student_train": student_flops, "teacher_forward": teacher_flops,
+                        "total": student_flops + teacher_flops}
+    metrics["final_loss"] = curve[-1]["loss"] if curve else math.nan
+    metrics["loss_curve"] = "loss.csv"
+    metrics["params"] = sum(getattr(p, "ds_numel", p.numel()) for n, p in engine.module.named_parameters()
+                            if not n.startswith("align_proj."))
+
+    weights = out_dir / "model.safetensors"
+    sha = save_zero3_module(engine.module, weights, metadata={"format": "pt", "compt_stage": stage.name},
+                            rename=export_name_and_tensor)
+    metrics["wall_seconds"] = time.time() - t0
+    metrics["train_seconds"] = train_seconds
+    if rank == 0:
+        write_model_config(out_dir / "config.json", model_cfg)
+        write_loss_csv(out_dir / "loss.csv", curve)
+        plot_loss(out_dir / "loss.png", curve, title=f"stage {k}: {stage.name}")
+        write_json(out_dir / "metrics.json", metrics)
+        run.update_stage(k, status="done", weights=str(weights.relative_to(run.root)), sha256=sha,
+                         metrics=summary(metrics))
+    _barrier()
+    engine.destroy() if hasattr(engine, "destroy") else None
+    del engine, model, teacher
+    gc.collect()
+    return StageResult(k, stage.name, model_cfg, out_dir, weights, sha, metrics)
+
+
+def finished_stage(run: RunDir, cfg: ChainConfig, k: int) -> StageResult | None:
+    """A stage an earlier run of this chain finished, if its weights still match the manifest."""
+    import json
+
+    manifest = run.read_manifest()
+    entry = manifest["stages"][k] if manifest else None
+    if not entry or entry["status"] != "done":
+        return None
+    weights = run.root / entry["weights"]
+    if not weights.is_file() or sha256_file(weights) != entry["sha256"]:
+        return None
+    out_dir = run.root / entry["dir"]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    return StageResult(k, entry["name"], cfg.model_cfg(k), out_dir, weights, entry["sha256"], metrics)
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    r = metrics.get("retrieval") or {}
+    return {
+        "zeroshot_top1": metrics.get("zeroshot_top1"),
+        "zeroshot_top5": metrics.get("zeroshot_top5"),
+        "i2t_R@1": (r.get("image_to_text") or {}).get("R@1"),
+        "t2i_R@1": (r.get("text_to_image") or {}).get("R@1"),
+        "flops_total": metrics["flops"]["total"],
+        "wall_seconds": metrics["wall_seconds"],
+        "params": metrics.get("params"),
+        "samples_seen": metrics.get("samples_seen"),
+        "init_zeroshot_top1": metrics.get("init_zeroshot_top1"),
+    }

@@ -1,0 +1,90 @@
+"""Train a family of CLIP models as a chain, smallest first; every stage is a DeepSpeed engine.
+
+    deepspeed launch/chain.py --ds_config ds_configs/zero3.json [--chain demo|PATH.yaml] [--output DIR]
+    deepspeed --num_gpus 2 launch/chain.py ...     (more ranks; --hostfile for more nodes)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from compt.config import ChainConfigError, load_chain
+from compt.data import build_dataset
+from compt.engine import read_ds_config
+from compt.report import markdown_table, print_table, result_rows
+from compt.rundir import RunDir, atomic_write_text
+from compt.stage import finished_stage, train_stage
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chain", default="demo", help="chain YAML path or preset name (default: the built-in demo)")
+    p.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed config JSON")
+    p.add_argument("--output", default=None, help="run directory (default: runs/<chain name>)")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return p.parse_args()
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the deepspeed launcher set up (or a 1-rank group under plain python)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+    deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def main() -> int:
+    args = parse_args()
+    # 1. Validate everything before any compute.
+    try:
+        cfg = load_chain(args.chain, args.ds_config)
+    except ChainConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    ds_base = read_ds_config(args.ds_config)
+    rank, world = init_distributed()
+
+    # 2. The run directory (rank 0 creates it; an existing run of the same config is resumed).
+    run = RunDir(args.output or Path("runs") / cfg.name)
+    try:
+        run.open(cfg, ds_base) if rank == 0 else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+    dist.barrier()
+
+    # 3. Data, shared by all stages.
+    train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    if rank == 0:
+        print(f"chain '{cfg.name}': {len(cfg.stages)} stages, {len(train_ds)} train / {len(val_ds)} val samples, "
+              f"{world} rank(s), run dir {run.root}")
+
+    # 4. Walk the chain: each stage grows from and aligns to the one before.
+    done = []
+    for k, stage in enumerate(cfg.stages):
+        predecessor = done[-1][2] if done else None
+        result = finished_stage(run, cfg, k)
+        if result is None:
+            result = train_stage(k, cfg, ds_base, run, predecessor, train_ds, val_ds)
+        elif rank == 0:
+            print(f"stage {k} {stage.name}: already done (weights verified), skipping")
+        done.append((stage, result.metrics, result))
+
+    # 5. The final table.
+    if rank == 0:
+        rows = result_rows([(s, m) for s, m, _ in done])
+        print_table(f"chain '{cfg.name}' ({world} rank(s))", rows)
+        atomic_write_text(run.root / "results.md", markdown_table(rows))
+        print(f"results: {run.root / 'results.md'}, manifest: {run.manifest_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

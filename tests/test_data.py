@@ -1,0 +1,229 @@
+"""compt.data: every dataset kind built the way a user's config builds it."""
+import csv
+import io
+import pickle
+import tarfile
+
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from compt.data import DataConfig, Example, ImageTextDataset, build_dataset
+
+COLORS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "owl": (0, 0, 255)}
+
+
+def solid(name: str, size: int = 12, mode: str = "RGB") -> Image.Image:
+    image = Image.new("RGB", (size, size), COLORS[name])
+    return image.convert(mode)
+
+
+def assert_color(image: Image.Image, name: str):
+    assert image.mode == "RGB"
+    r, g, b = image.getpixel((image.width // 2, image.height // 2))
+    want = COLORS[name]
+    assert all(abs(x - y) <= 8 for x, y in zip((r, g, b), want)), ((r, g, b), want)
+
+
+# --- digits -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_dataset(DataConfig(), "train"), build_dataset(DataConfig(), "val")
+
+
+def test_digits_sizes_and_split(digits):
+    train, val = digits
+    assert isinstance(train, ImageTextDataset)
+    assert len(train) + len(val) == 1797
+    assert len(val) == pytest.approx(0.2 * 1797, abs=2)
+    assert sorted({val[i].label for i in range(len(val))}) == list(range(10))
+
+
+def test_digits_split_is_deterministic(digits):
+    train, _ = digits
+    again = build_dataset(DataConfig(), "train")
+    assert [train[i][1:] for i in range(len(train))] == [again[i][1:] for i in range(len(again))]
+    assert train[7].image.tobytes() == again[7].image.tobytes()
+    other_seed = build_dataset(DataConfig(split_seed=1), "train")
+    assert [train[i].label for i in range(50)] != [other_seed[i].label for i in range(50)]
+
+
+def test_digits_examples(digits):
+    train, val = digits
+    ex = train[0]
+    assert isinstance(ex, Example)
+    assert ex.image.mode == "RGB" and ex.image.size == (32, 32)
+    assert build_dataset(DataConfig(render_size=48), "val")[0].image.size == (48, 48)
+    assert train.classnames[ex.label] in ex.caption
+    for i in range(0, len(val), 37):
+        assert val.classnames[val[i].label] in val[i].caption
+    assert len({train[i].caption.replace(train.classnames[train[i].label], "{}")
+                for i in range(200)}) >= 4  # several caption templates in use
+    assert train.classnames == ["zero", "one", "two", "three", "four",
+                                "five", "six", "seven", "eight", "nine"]
+    assert train.templates and all("{}" in t for t in train.templates)
+    # the digit carries signal: ink pixels differ from background
+    assert len(set(ex.image.convert("L").tobytes())) > 2
+
+
+# --- csv --------------------------------------------------------------------
+
+def test_csv_relative_paths_and_labels(tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = [("img/a.png", "a red cat", 0, "cat"), ("img/b.jpg", "a green dog", 1, "dog"),
+            (str(tmp_path / "img" / "c.png"), "a blue owl", 2, "owl")]  # one absolute path
+    for (path, _, _, name), mode in zip(rows, ("RGB", "RGB", "P")):  # a palette image too
+        solid(name, mode=mode).save(tmp_path / path)
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["filepath", "title", "label"])
+        w.writerows(r[:3] for r in rows)
+    cfg = DataConfig(kind="csv", train=str(tmp_path / "train.csv"), val=str(tmp_path / "train.csv"),
+                     classnames=["cat", "dog", "owl"])
+    ds = build_dataset(cfg, "train")
+    assert len(ds) == 3 and ds.classnames == ["cat", "dog", "owl"]
+    assert "{}" in ds.templates[0]
+    for i, (_, caption, label, name) in enumerate(rows):
+        ex = ds[i]
+        assert (ex.caption, ex.label) == (caption, label)
+        assert_color(ex.image, name)
+
+
+def test_csv_without_label_column_and_custom_keys(tmp_path):
+    solid("dog").save(tmp_path / "d.png")
+    (tmp_path / "x.csv").write_text("img,text\nd.png,a dog\n")
+    cfg = DataConfig(kind="csv", train=str(tmp_path / "x.csv"), val=str(tmp_path / "x.csv"),
+                     csv_separator=",", image_key="img", caption_key="text")
+    ex = build_dataset(cfg, "val")[0]
+    assert ex.caption == "a dog" and ex.label == -1
+    with pytest.raises(ValueError, match="data.caption_key"):
+        build_dataset(cfg.model_copy(update={"caption_key": "title"}), "val")
+
+
+# --- webdataset -------------------------------------------------------------
+
+def write_shard(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, name, caption, label in samples:
+            buf = io.BytesIO()
+            solid(name).save(buf, format="PNG")
+            fields = {"png": buf.getvalue(), "txt": caption.encode()}
+            if label is not None:
+                fields["cls"] = str(label).encode()
+            fields["json"] = b"{}"
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_two_shards(tmp_path):
+    write_shard(tmp_path / "shard-000.tar", [("s/000", "cat", "a cat", 0), ("s/001", "dog", "a dog", 1)])
+    write_shard(tmp_path / "shard-001.tar", [("s/002", "owl", "an owl", None)])
+    expected = [("cat", "a cat", 0), ("dog", "a dog", 1), ("owl", "an owl", -1)]
+    for spec in (str(tmp_path / "shard-{000..001}.tar"), str(tmp_path)):
+        ds = build_dataset(DataConfig(kind="webdataset", train=spec, val=spec), "train")
+        assert len(ds) == 3 and ds.classnames is None
+        # random access, out of order
+        for i in (2, 0, 1):
+            name, caption, label = expected[i]
+            ex = ds[i]
+            assert (ex.caption, ex.label) == (caption, label)
+            assert_color(ex.image, name)
+    # loader workers receive the dataset by pickle
+    assert pickle.loads(pickle.dumps(ds))[1].caption == "a dog"
+    single = build_dataset(DataConfig(kind="webdataset", train=str(tmp_path / "shard-001.tar"),
+                                      val=str(tmp_path / "shard-001.tar")), "val")
+    assert len(single) == 1 and single[0].caption == "an owl"
+
+
+def test_webdataset_rejects_remote_urls():
+    cfg = DataConfig(kind="webdataset", train="https://host/shard-{000..009}.tar", val="s3://b/x.tar")
+    problems = cfg.problems()
+    assert len(problems) == 2 and all("only local shards" in p for p in problems)
+    with pytest.raises(ValueError, match="only local shards"):
+        build_dataset(cfg, "train")
+
+
+# --- hf ---------------------------------------------------------------------
+
+def test_hf_saved_dataset_and_dataset_dict(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    names = ["cat", "dog", "owl"]
+    table = datasets.Dataset.from_dict(
+        {"image": [solid(n) for n in names], "caption": [f"a {n}" for n in names],
+         "label": [0, 1, 2]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                    "label": datasets.ClassLabel(names=names)}),
+    )
+    table.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": table, "validation": table.select([2, 0])}).save_to_disk(
+        str(tmp_path / "dict"))
+
+    single = build_dataset(DataConfig(kind="hf", train=str(tmp_path / "single"),
+                                      val=str(tmp_path / "single")), "train")
+    assert len(single) == 3 and single.classnames == names  # taken from the ClassLabel
+    for i, n in enumerate(names):
+        assert (single[i].caption, single[i].label) == (f"a {n}", i)
+        assert_color(single[i].image, n)
+
+    cfg = DataConfig(kind="hf", train=str(tmp_path / "dict"), val=str(tmp_path / "dict"))
+    val = build_dataset(cfg, "val")
+    assert [val[i].caption for i in range(len(val))] == ["a owl", "a cat"]
+    assert_color(val[0].image, "owl")
+    assert len(build_dataset(cfg, "train")) == 3
+    with pytest.raises(ValueError, match="data.hf_split_val"):
+        build_dataset(cfg.model_copy(update={"hf_split_val": "test"}), "val")
+
+
+def test_hf_without_label_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"image": [solid("dog")], "caption": ["a dog"]}).save_to_disk(
+        str(tmp_path / "d"))
+    ds = build_dataset(DataConfig(kind="hf", train=str(tmp_path / "d"), val=str(tmp_path / "d"),
+                                  classnames=["dog"]), "train")
+    assert ds[0].label == -1 and ds[0].caption == "a dog" and ds.classnames == ["dog"]
+    assert_color(ds[0].image, "dog")
+
+
+# --- config -----------------------------------------------------------------
+
+def test_problems_reports_every_problem_with_its_field(tmp_path):
+    cfg = DataConfig(kind="csv", train=str(tmp_path / "missing.csv"), val_fraction=1.5,
+                     classnames=[])
+    problems = cfg.problems()
+    assert any(p.startswith("data.train:") and "missing.csv" in p and "does not exist" in p
+               for p in problems)
+    assert any(p.startswith("data.val:") and "missing" in p for p in problems)
+    assert any(p.startswith("data.val_fraction:") for p in problems)
+    assert any(p.startswith("data.classnames:") for p in problems)
+    assert len(problems) == 4
+    with pytest.raises(ValueError, match="data.val_fraction"):
+        build_dataset(cfg, "train")
+
+
+def test_problems_webdataset_pattern_matching_nothing(tmp_path):
+    cfg = DataConfig(kind="webdataset", train=str(tmp_path / "shard-{000..002}.tar"),
+                     val=str(tmp_path))
+    problems = cfg.problems()
+    assert len(problems) == 2
+    assert problems[0].startswith("data.train:") and "do not exist" in problems[0]
+    assert problems[1].startswith("data.val:") and "matches no .tar" in problems[1]
+
+
+def test_digits_config_without_paths_is_valid():
+    assert DataConfig().problems() == []
+    assert DataConfig(kind="digits", val_fraction=0.5).problems() == []
+
+
+def test_unknown_fields_are_rejected():
+    with pytest.raises(ValidationError, match="image_column"):
+        DataConfig(kind="csv", image_column="filepath")
+    with pytest.raises(ValidationError):
+        DataConfig(kind="parquet")
+
+
+def test_bad_split_name():
+    with pytest.raises(ValueError, match="split"):
+        build_dataset(DataConfig(), "test")
