@@ -41,7 +41,10 @@ def print_table(title: str, rows: list[list[str]]) -> None:
         table.add_column(c, justify="left" if c in ("stage", "model", "budget") else "right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
+        console = Console(width=170)
+    console.print(table)
 
 
 def markdown_table(rows: list[list[str]]) -> str:

@@ -206,7 +206,7 @@ def open_lazy(path: str | os.PathLike) -> Iterator[LazySafetensors]:
         yield LazySafetensors(handle)
 
 
-Rename = Callable[[str, torch.Tensor], tuple[str, torch.Tensor]]
+Rename = Callable[[str, torch.Tensor], "tuple[str, torch.Tensor] | None"]
 
 
 def save_zero3_module(
@@ -221,7 +221,8 @@ def save_zero3_module(
     at a time with ``deepspeed.zero.GatheredParameters`` (a no-op for ordinary
     parameters, so plain modules work too) and rank 0 streams each one to disk.
     ``rename(name, tensor) -> (name, tensor)`` may change a parameter's name,
-    shape or dtype (e.g. logit_scale [1] -> 0-d). The header is computed up front
+    shape or dtype (e.g. logit_scale [1] -> 0-d), or return None to leave the
+    parameter out of the file (it is still gathered: the gather is collective). The header is computed up front
     by calling ``rename`` on a meta tensor of the parameter's full shape, so
     ``rename`` must be a function of name, shape and dtype only and must work on
     meta tensors (reshape/squeeze/to do).
@@ -242,8 +243,9 @@ def save_zero3_module(
         for name, p in params:
             full_shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
             probe = torch.empty(full_shape, dtype=torch.float32, device="meta")
-            new_name, new_probe = rename(name, probe) if rename else (name, probe)
-            specs.append((new_name, tuple(new_probe.shape), new_probe.dtype))
+            renamed = rename(name, probe) if rename else (name, probe)
+            if renamed is not None:
+                specs.append((renamed[0], tuple(renamed[1].shape), renamed[1].dtype))
         writer = SafetensorsStreamWriter(path, specs, metadata)
 
     try:
@@ -251,7 +253,9 @@ def save_zero3_module(
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 if writer is not None:
                     tensor = p.detach().to(device="cpu", dtype=torch.float32).clone()
-                    writer.write(*(rename(name, tensor) if rename else (name, tensor)))
+                    renamed = rename(name, tensor) if rename else (name, tensor)
+                    if renamed is not None:
+                        writer.write(*renamed)
         digest = writer.close() if writer is not None else None
     except BaseException:
         if writer is not None:

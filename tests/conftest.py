@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny model configs and a tiny chain YAML for fast tests."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_model(width: int = 32, layers: int = 1, embed: int = 32) -> dict:
+    return {
+        "embed_dim": embed,
+        "vision_cfg": {"image_size": 16, "patch_size": 8, "width": width, "layers": layers, "head_width": 16},
+        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": width, "heads": width // 16, "layers": layers},
+    }
+
+
+TINY_CHAIN = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"kind": "digits", "render_size": 16},
+    "eval": {"batch_size": 120},
+    "defaults": {"lr": 2.0e-3, "warmup_steps": 2, "batch_size": 32, "log_every": 2},
+    "stages": [
+        {"name": "a", "model": tiny_model(32, 1), "budget": {"steps": 6}},
+        {"name": "b", "model": tiny_model(64, 1), "budget": {"steps": 4},
+         "transfer": {"init": "official", "align": True, "alpha": 500}},
+        {"name": "c", "model": tiny_model(64, 2), "budget": {"samples": 128},
+         "transfer": {"init": "official", "align": True, "alpha": 500}},
+    ],
+}
+
+
+@pytest.fixture
+def chain_dict() -> dict:
+    return copy.deepcopy(TINY_CHAIN)
+
+
+def write_chain(path: Path, chain: dict) -> Path:
+    path.write_text(yaml.safe_dump(chain))
+    return path
+
+
+@pytest.fixture
+def chain_yaml(tmp_path, chain_dict) -> Path:
+    return write_chain(tmp_path / "chain.yaml", chain_dict)

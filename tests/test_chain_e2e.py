@@ -1,0 +1,129 @@
+"""The chain end to end, as a user runs it: the real `deepspeed` launcher, 1 and 2 CPU ranks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compt.weights import sha256_file
+from conftest import REPO, write_chain
+
+DS = str(REPO / "ds_configs" / "zero3.json")
+
+
+def _launch(args: list[str], port: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = ["deepspeed", "--master_port", str(port), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import TINY_CHAIN
+
+    root = tmp_path_factory.mktemp("e2e")
+    chain = write_chain(root / "chain.yaml", TINY_CHAIN)
+    out = {}
+    for ranks, port in ((2, 29611), (1, 29612)):
+        run_dir = root / f"run{ranks}"
+        proc = _launch(["--num_gpus", str(ranks), "launch/chain.py", "--chain", str(chain), "--ds_config", DS,
+                        "--output", str(run_dir)], port)
+        out[ranks] = (run_dir, proc.stdout + proc.stderr)
+    out["chain"] = chain
+    return out
+
+
+def _metrics(run_dir, k, name):
+    return json.loads((run_dir / "stages" / f"{k}-{name}" / "metrics.json").read_text())
+
+
+def test_run_directory_contract(runs):
+    run_dir, log = runs[2]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["chain"] == "tiny" and manifest["config"]["stages"][1]["transfer"]["init"] == "official"
+    assert [s["status"] for s in manifest["stages"]] == ["done"] * 3
+    for k, entry in enumerate(manifest["stages"]):
+        stage_dir = run_dir / entry["dir"]
+        assert sha256_file(run_dir / entry["weights"]) == entry["sha256"]
+        m = _metrics(run_dir, k, entry["name"])
+        assert m["ranks"] == 2
+        for key in ("zeroshot_top1", "zeroshot_top5", "samples_seen", "wall_seconds"):
+            assert m[key] is not None
+        assert set(m["retrieval"]) == {"image_to_text", "text_to_image"}
+        assert set(m["retrieval"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
+        assert m["flops"]["total"] == m["flops"]["student_train"] + m["flops"]["teacher_forward"] > 0
+        assert (m["flops"]["teacher_forward"] > 0) == (k > 0)
+        assert m["samples_seen"] == m["steps"] * 32
+        rows = list((stage_dir / "loss.csv").read_text().splitlines())
+        assert len(rows) == m["steps"] + 1 and (stage_dir / "loss.png").stat().st_size > 0
+        if k > 0:
+            assert -1 <= m["init_cosine"]["image"] <= 1 and m["init_zeroshot_top1"] is not None
+            assert m["grown_tensors"] > 0
+    assert "chain 'tiny' (2 rank(s))" in log
+    assert (run_dir / "results.md").read_text().count("\n") == 5
+
+
+def test_stage_weights_load_into_stock_open_clip(runs):
+    run_dir, _ = runs[2]
+    stage = run_dir / "stages" / "2-c"
+    cfg = json.loads((stage / "config.json").read_text())
+    model = open_clip.CLIP(**cfg)
+    model.load_state_dict(load_file(str(stage / "model.safetensors")), strict=True)
+    assert model.visual.transformer.resblocks[1].mlp.c_fc.weight.shape == (256, 64)
+
+
+def test_one_and_two_ranks_agree(runs):
+    (one, _), (two, _) = runs[1], runs[2]
+    for k, name in enumerate(["a", "b", "c"]):
+        m1, m2 = _metrics(one, k, name), _metrics(two, k, name)
+        assert m1["steps"] == m2["steps"] and m1["flops"] == m2["flops"]
+        assert abs(m1["final_loss"] - m2["final_loss"]) < 1e-3 * abs(m1["final_loss"])
+        assert abs(m1["zeroshot_top1"] - m2["zeroshot_top1"]) <= 2 / 360 + 1e-9
+        w1 = load_file(str(one / "stages" / f"{k}-{name}" / "model.safetensors"))
+        w2 = load_file(str(two / "stages" / f"{k}-{name}" / "model.safetensors"))
+        assert w1.keys() == w2.keys()
+        worst = max((w1[n] - w2[n]).abs().max().item() for n in w1)
+        assert worst < 1e-3, f"stage {name}: weights differ by {worst}"
+
+
+def test_compt_eval_reproduces_metrics(runs):
+    run_dir, _ = runs[1]
+    proc = subprocess.run([sys.executable, "-m", "compt.cli", "eval", str(run_dir / "stages" / "1-b"), "--json"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    saved = _metrics(run_dir, 1, "b")
+    assert got["zeroshot_top1"] == pytest.approx(saved["zeroshot_top1"], abs=1e-6)
+    assert got["retrieval"]["text_to_image"]["R@5"] == pytest.approx(saved["retrieval"]["text_to_image"]["R@5"])
+    bad = subprocess.run([sys.executable, "-m", "compt.cli", "eval", str(run_dir)], capture_output=True, text=True,
+                         cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "not a finished stage directory" in bad.stderr
+
+
+def test_rerun_skips_finished_stages(runs):
+    run_dir, _ = runs[1]
+    before = (run_dir / "stages" / "0-a" / "model.safetensors").stat().st_mtime_ns
+    proc = _launch(["launch/chain.py", "--chain", str(runs["chain"]), "--ds_config", DS, "--output", str(run_dir)],
+                   29613)
+    log = proc.stdout + proc.stderr
+    assert log.count("already done (weights verified), skipping") == 3
+    assert (run_dir / "stages" / "0-a" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_bad_config_fails_before_compute(tmp_path, chain_dict):
+    chain_dict["stages"][1]["budget"] = {"steps": 0}
+    chain_dict["stages"][2]["model"] = "ViT-Bogus"
+    path = write_chain(tmp_path / "bad.yaml", chain_dict)
+    proc = subprocess.run([sys.executable, "launch/chain.py", "--chain", str(path), "--ds_config", DS],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert "stages.1.budget: steps must be > 0" in proc.stderr
+    assert not (REPO / "runs" / "tiny").exists()
