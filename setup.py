@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Chain-of-Models Pre-Training (CoM-PT) on DeepSpeed",
     python_requires=">=3.10",
-    packages=["compt", "compt.clip", "compt.data", "compt.kernels"],
+    packages=["compt", "compt.clip", "compt.commands", "compt.data", "compt.kernels"],
     package_dir={"compt": "compt", "compt.kernels": "kernels"},
     package_data={"compt": ["chains/*.yaml"]},
     install_requires=[

@@ -1,57 +1,15 @@
 """The ``compt`` command line: tools around chain runs (training itself is launch/chain.py).
 
-    compt eval RUN_DIR/stages/<k>-<name> [--batch-size N] [--json]
+Every module in ``compt.commands`` is a subcommand (``compt eval``, ...).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import pkgutil
 import sys
-from pathlib import Path
 
-
-def _eval(args: argparse.Namespace) -> int:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from compt.clip.model import build_clip, load_into, preprocess_for
-    from compt.config import ChainConfig
-    from compt.data import build_dataset
-    from compt.evaluate import evaluate
-
-    stage_dir = Path(args.stage_dir)
-    files = {n: stage_dir / n for n in ("config.json", "model.safetensors")}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        print(f"error: {stage_dir} is not a finished stage directory (missing {', '.join(missing)}); "
-              "pass RUN_DIR/stages/<k>-<name> of a stage whose status is 'done'", file=sys.stderr)
-        return 2
-    manifest_path = stage_dir.parent.parent / "manifest.json"
-    if not manifest_path.is_file():
-        print(f"error: no manifest at {manifest_path}; the stage directory must sit inside its run directory",
-              file=sys.stderr)
-        return 2
-    cfg = ChainConfig.model_validate(json.loads(manifest_path.read_text())["config"])
-    model_cfg = json.loads(files["config.json"].read_text())
-    model = build_clip(model_cfg)
-    try:
-        load_into(model, load_file(str(files["model.safetensors"])))
-    except (SafetensorError, ValueError) as e:
-        print(f"error: cannot load {files['model.safetensors']}: {e}", file=sys.stderr)
-        return 2
-    metrics = evaluate(model, build_dataset(cfg.data, "val"), preprocess_for(model_cfg),
-                       args.batch_size or cfg.eval.batch_size, cfg.eval.zeroshot, cfg.eval.retrieval)
-    if args.json:
-        print(json.dumps(metrics, indent=2))
-    else:
-        r = metrics["retrieval"] or {}
-        print(f"{stage_dir}: {metrics['val_samples']} validation samples")
-        for key in ("zeroshot_top1", "zeroshot_top5"):
-            if metrics[key] is not None:
-                print(f"  {key:<16} {100 * metrics[key]:6.2f}%")
-        for direction, recalls in r.items():
-            print(f"  {direction:<16} " + "  ".join(f"{k} {100 * v:6.2f}%" for k, v in recalls.items()))
-    return 0
+import compt.commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,12 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chain-of-Models Pre-Training tools. Train a chain with: "
                     "deepspeed launch/chain.py --ds_config ds_configs/zero3.json",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("eval", help="re-evaluate a saved stage and print its metrics")
-    ev.add_argument("stage_dir", help="RUN_DIR/stages/<k>-<name>")
-    ev.add_argument("--batch-size", type=int, default=None)
-    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    ev.set_defaults(func=_eval)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(compt.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"compt.commands.{info.name}").register(sub)
     return parser
 
 
