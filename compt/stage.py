@@ -67,6 +67,24 @@ def load_teacher(prev: StageResult) -> torch.nn.Module:
     return teacher
 
 
+def init_student(model_cfg: dict, align_to_dim: int | None, seed: int, zero3_config: dict | None):
+    """The student with open_clip's own initialisation, partitioned by ZeRO-3 when asked.
+
+    Built in full and then handed to ``zero.Init(module=...)``: open_clip initialises
+    nested modules (attention, text embeddings) after they are constructed, and a
+    module constructed inside ``with zero.Init()`` is partitioned before those inits
+    run, silently leaving PyTorch's defaults. The same seed on every rank gives the
+    same weights whatever the rank count.
+    """
+    import deepspeed
+
+    torch.manual_seed(seed)
+    model = build_clip(model_cfg, align_to_dim=align_to_dim)
+    if zero3_config is not None:
+        deepspeed.zero.Init(module=model, config_dict_or_path=zero3_config)
+    return model
+
+
 def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, mode: str, zero3: bool) -> int:
     """Initialise the student from the predecessor's safetensors, one tensor at a time.
 
@@ -117,9 +135,8 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
 
     use_teacher = prev is not None and transfer.align and transfer.alpha > 0
     teacher = load_teacher(prev) if use_teacher else None
-    torch.manual_seed(cfg.seed + k)  # same full init on every rank, whatever the rank count
-    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=zero3):
-        model = build_clip(model_cfg, align_to_dim=prev.model_cfg["embed_dim"] if use_teacher else None)
+    model = init_student(model_cfg, prev.model_cfg["embed_dim"] if use_teacher else None, cfg.seed + k,
+                         ds_cfg if zero3 else None)
     grown = 0
     if prev is not None and transfer.init != "none":
         grown = grow_into(model, prev, model_cfg, transfer.init, zero3)

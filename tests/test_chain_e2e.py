@@ -127,3 +127,22 @@ def test_bad_config_fails_before_compute(tmp_path, chain_dict):
     assert proc.returncode == 2
     assert "stages.1.budget: steps must be > 0" in proc.stderr
     assert not (REPO / "runs" / "tiny").exists()
+
+
+def test_zero3_student_starts_from_open_clips_own_init(runs):
+    """Step 1's loss under ZeRO-3 (2 ranks) equals plain PyTorch's on the same open_clip-initialised model."""
+    from compt.clip.model import build_clip, preprocess_for
+    from compt.config import load_chain
+    from compt.data import build_dataset
+    from compt.loader import train_loader
+    from compt.losses import ChainLoss
+
+    cfg = load_chain(str(runs["chain"]))
+    torch.manual_seed(cfg.seed + 0)
+    model = build_clip(cfg.model_cfg(0))
+    batch = next(iter(train_loader(build_dataset(cfg.data, "train"), preprocess_for(cfg.model_cfg(0)), None,
+                                   global_batch=32, steps=1, rank=0, world=1, gas=1, seed=cfg.seed + 0)))
+    with torch.no_grad():
+        expected = ChainLoss(None)(model(batch.images, batch.texts)).total.item()
+    first = (runs[2][0] / "stages" / "0-a" / "loss.csv").read_text().splitlines()[1].split(",")
+    assert float(first[1]) == pytest.approx(expected, rel=1e-5)

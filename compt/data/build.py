@@ -19,6 +19,8 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"]) -> ImageTextD
     # Imported per kind so digits-only runs never pay for `datasets`' import.
     if cfg.kind == "digits":
         from compt.data.digits import build_digits as build
+    elif cfg.kind == "digit-numbers":
+        from compt.data.numbers import build_digit_numbers as build
     elif cfg.kind == "csv":
         from compt.data.csv import build_csv as build
     elif cfg.kind == "webdataset":

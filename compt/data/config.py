@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from compt.data.shards import expand_shards, is_remote
 
-Kind = Literal["digits", "csv", "webdataset", "hf"]
+Kind = Literal["digits", "digit-numbers", "csv", "webdataset", "hf"]
+BUILT_IN: tuple[str, ...] = ("digits", "digit-numbers")  # shipped with compt: no train/val paths
 
 
 class Keys(NamedTuple):
@@ -24,6 +25,7 @@ class Keys(NamedTuple):
 # where ";" lists alternatives and the first one a sample has wins.
 DEFAULT_KEYS: dict[str, Keys] = {
     "digits": Keys("image", "caption", "label"),
+    "digit-numbers": Keys("image", "caption", "label"),
     "csv": Keys("filepath", "title", "label"),
     "webdataset": Keys("jpg;png;jpeg;webp", "txt", "cls"),
     "hf": Keys("image", "caption", "label"),
@@ -51,7 +53,7 @@ class DataConfig(BaseModel):
     hf_split_val: str = "validation"
     classnames: list[str] | None = None
     templates: list[str] | None = None
-    # digits only
+    # built-in kinds (digits, digit-numbers) only
     val_fraction: float = 0.2
     split_seed: int = 0
     render_size: int = 32
@@ -67,7 +69,7 @@ class DataConfig(BaseModel):
     def problems(self) -> list[str]:
         """Every problem found, each naming its field and fix; cheap (no data read)."""
         found: list[str] = []
-        if self.kind != "digits":
+        if self.kind not in BUILT_IN:
             for field in ("train", "val"):
                 found.extend(self._path_problems(field, getattr(self, field)))
         if not 0.0 < self.val_fraction < 1.0:
