@@ -77,6 +77,9 @@ class TrainSettings(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
     log_every: int = Field(10, gt=0)
+    checkpoint_every_steps: int = Field(0, ge=0, description="mid-stage checkpoint every N steps (0 = off)")
+    checkpoint_minutes: float = Field(30.0, ge=0, description="mid-stage checkpoint every M minutes (0 = off)")
+    keep_checkpoints: int = Field(2, ge=1)
 
 
 class StageOverrides(_Strict):

@@ -26,19 +26,21 @@ class Batch:
 class GlobalBatchSampler:
     """Yields this rank's index list for every micro-step; ``step`` global steps in total."""
 
-    def __init__(self, n: int, global_batch: int, steps: int, rank: int, world: int, gas: int, seed: int):
+    def __init__(self, n: int, global_batch: int, steps: int, rank: int, world: int, gas: int, seed: int,
+                 start_step: int = 0):
         if global_batch > n:
             raise ValueError(f"batch_size {global_batch} is larger than the dataset ({n} samples); lower batch_size")
         self.n, self.gb, self.steps, self.rank, self.world, self.gas, self.seed = n, global_batch, steps, rank, world, gas, seed
         self.micro = global_batch // (world * gas)
         self.per_epoch = n // global_batch
+        self.start_step = start_step  # resuming: batches are a pure function of (seed, step)
 
     def __len__(self) -> int:
-        return self.steps * self.gas
+        return (self.steps - self.start_step) * self.gas
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         perm, epoch = None, -1
-        for step in range(self.steps):
+        for step in range(self.start_step, self.steps):
             e, b = divmod(step, self.per_epoch)
             if e != epoch:
                 epoch = e
@@ -86,8 +88,8 @@ def _collate(student: Preprocess, teacher: Preprocess | None):
 
 
 def train_loader(ds, student: Preprocess, teacher: Preprocess | None, *, global_batch: int, steps: int,
-                 rank: int, world: int, gas: int, seed: int, workers: int = 0) -> DataLoader:
-    sampler = GlobalBatchSampler(len(ds), global_batch, steps, rank, world, gas, seed)
+                 rank: int, world: int, gas: int, seed: int, workers: int = 0, start_step: int = 0) -> DataLoader:
+    sampler = GlobalBatchSampler(len(ds), global_batch, steps, rank, world, gas, seed, start_step)
     return DataLoader(_Seeded(ds, student, teacher, seed, train=True), batch_sampler=sampler,
                       collate_fn=_collate(student, teacher), num_workers=workers)
 

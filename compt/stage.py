@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from compt.clip.grow import grow_tensor, source_name
+from compt.checkpoint import StageCheckpointer, StageInterrupted, StopRequest
 from compt.clip.model import build_clip, export_name_and_tensor, load_into, preprocess_for, write_model_config
 from compt.config import ChainConfig
 from compt.engine import build_engine, stage_ds_config, zero_stage
@@ -115,79 +116,110 @@ def _teacher_out(teacher, batch: Batch):
                        batch.teacher_texts if batch.teacher_texts is not None else batch.texts)
 
 
+def _init_metrics(engine, prev: StageResult, teacher, pre, val_ds, cfg: ChainConfig) -> dict[str, Any]:
+    """Where the grown student starts, before its first step: embedding cosine to the
+    predecessor on one validation batch, and zero-shot top-1."""
+    probe = teacher if teacher is not None else load_teacher(prev)
+    probe_pre = preprocess_for(prev.model_cfg)
+    size = min(cfg.eval.batch_size, len(val_ds))
+    first = next(iter(eval_loader(val_ds, pre, size)))
+    if probe_pre.key != pre.key:
+        tb = next(iter(eval_loader(val_ds, probe_pre, size)))
+        first.teacher_images, first.teacher_texts = tb.images, tb.texts
+    engine.eval()
+    cosine = embedding_cosine(engine, probe, first)
+    init = evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, retrieval=False)
+    engine.train()
+    return {"init_cosine": cosine, "init_zeroshot_top1": init["zeroshot_top1"]}
+
+
+def _train_loop(engine, loader, loss_fn, teacher, *, steps: int, start: int, curve: list, settings,
+                checkpointer: StageCheckpointer, client: dict, label: str, rank: int) -> None:
+    """Steps ``start``..``steps``; appends to ``curve``; checkpoints and honours SIGTERM/SIGINT."""
+    gas = engine.gradient_accumulation_steps()
+    bar = tqdm(total=steps, initial=start, desc=label, disable=rank != 0, dynamic_ncols=True)
+    engine.train()
+    with StopRequest() as stop:
+        for micro, batch in enumerate(loader):
+            out = engine(batch.images, batch.texts)
+            parts = loss_fn(out, _teacher_out(teacher, batch) if teacher is not None else None)
+            if not torch.isfinite(parts.total):
+                raise FloatingPointError(f"{label}: non-finite loss {parts.total.item()} at step "
+                                         f"{start + micro // gas + 1}; lower lr or check the data")
+            engine.backward(parts.total)
+            engine.step()
+            if (micro + 1) % gas:
+                continue
+            total, con, ali = _mean_across_ranks([parts.total.item(), parts.contrastive.item(),
+                                                  parts.alignment.item() if parts.alignment is not None else 0.0])
+            step = start + (micro + 1) // gas
+            curve.append({"step": step, "loss": total, "contrastive": con, "alignment": ali, "lr": engine.get_lr()[0]})
+            bar.update(1)
+            if step % settings.log_every == 0 or step == steps:
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{engine.get_lr()[0]:.2e}")
+            stopping, save = checkpointer.poll(step, steps, stop)
+            if save:
+                checkpointer.save(step, {**client, "step": step, "curve": curve})
+            if stopping:
+                bar.close()
+                raise StageInterrupted(f"{label}: stopped by signal {stop.signum} after step {step}; "
+                                        f"checkpoint saved, run the same command again to resume")
+    bar.close()
+
+
 def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: StageResult | None,
                 train_ds, val_ds) -> StageResult:
-    import deepspeed
-
     t0 = time.time()
     rank, world = _rank_world()
     stage = cfg.stages[k]
-    model_cfg = cfg.model_cfg(k)
-    settings = stage.settings(cfg.defaults)
-    transfer = cfg.transfer(k)
+    model_cfg, settings, transfer = cfg.model_cfg(k), stage.settings(cfg.defaults), cfg.transfer(k)
     steps = stage.budget.steps_for(len(train_ds), settings.batch_size)
     ds_cfg = stage_ds_config(ds_base, settings, steps, world)
     zero3 = zero_stage(ds_cfg) == 3
     out_dir = run.stage_dir(k, stage.name)
+    ckpt_dir = out_dir / "checkpoints"
+    resuming = StageCheckpointer.exists(ckpt_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         run.update_stage(k, status="running")
 
+    # The student: open_clip init, ZeRO-3 partitioned, grown from the predecessor.
     use_teacher = prev is not None and transfer.align and transfer.alpha > 0
     teacher = load_teacher(prev) if use_teacher else None
     model = init_student(model_cfg, prev.model_cfg["embed_dim"] if use_teacher else None, cfg.seed + k,
                          ds_cfg if zero3 else None)
     grown = 0
-    if prev is not None and transfer.init != "none":
+    if prev is not None and transfer.init != "none" and not resuming:
         grown = grow_into(model, prev, model_cfg, transfer.init, zero3)
     engine = build_engine(model, ds_cfg, settings.weight_decay)
-
+    checkpointer = StageCheckpointer(engine, ckpt_dir, settings.checkpoint_every_steps, settings.checkpoint_minutes,
+                                     settings.keep_checkpoints, rank)
     pre = preprocess_for(model_cfg)
-    t_pre = preprocess_for(prev.model_cfg) if use_teacher else None
-    metrics: dict[str, Any] = {"stage": k, "name": stage.name, "steps": steps, "global_batch": settings.batch_size,
-                               "ranks": world, "grown_tensors": grown,
-                               "transfer": transfer.model_dump() if transfer else None}
-    if prev is not None:
-        # Where the grown student starts, before its first step.
-        probe = teacher if teacher is not None else load_teacher(prev)
-        probe_pre = preprocess_for(prev.model_cfg)
-        first = next(iter(eval_loader(val_ds, pre, min(cfg.eval.batch_size, len(val_ds)))))
-        if probe_pre.key != pre.key:
-            tb = next(iter(eval_loader(val_ds, probe_pre, min(cfg.eval.batch_size, len(val_ds)))))
-            first.teacher_images, first.teacher_texts = tb.images, tb.texts
-        engine.eval()
-        metrics["init_cosine"] = embedding_cosine(engine, probe, first)
-        init = evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, retrieval=False)
-        metrics["init_zeroshot_top1"] = init["zeroshot_top1"]
-        engine.train()
-        del probe
 
-    loss_fn = ChainLoss(transfer.alpha if use_teacher else None, rank, world)
-    loader = train_loader(train_ds, pre, t_pre, global_batch=settings.batch_size, steps=steps, rank=rank, world=world,
-                          gas=engine.gradient_accumulation_steps(), seed=cfg.seed + k)
-    curve: list[dict[str, float]] = []
-    bar = tqdm(total=steps, desc=f"stage {k} {stage.name}", disable=rank != 0, dynamic_ncols=True)
-    engine.train()
-    for micro, batch in enumerate(loader):
-        out = engine(batch.images, batch.texts)
-        parts = loss_fn(out, _teacher_out(teacher, batch) if teacher is not None else None)
-        if not torch.isfinite(parts.total):
-            raise FloatingPointError(f"stage {k} ({stage.name}): non-finite loss {parts.total.item()} at step "
-                                     f"{micro // engine.gradient_accumulation_steps()}; lower lr or check the data")
-        engine.backward(parts.total)
-        engine.step()
-        if (micro + 1) % engine.gradient_accumulation_steps() == 0:
-            total, con, ali = _mean_across_ranks([parts.total.item(), parts.contrastive.item(),
-                                                  parts.alignment.item() if parts.alignment is not None else 0.0])
-            step = len(curve) + 1
-            curve.append({"step": step, "loss": total, "contrastive": con, "alignment": ali,
-                          "lr": engine.get_lr()[0]})
-            bar.update(1)
-            if step % settings.log_every == 0 or step == steps:
-                bar.set_postfix(loss=f"{total:.3f}", lr=f"{engine.get_lr()[0]:.2e}")
-    bar.close()
+    # Step-0 metrics, or everything an interrupted run had reached.
+    client = checkpointer.resume() if resuming else None
+    if client is None:
+        client = {"step": 0, "curve": [], "metrics": {"grown_tensors": grown}}
+        if prev is not None:
+            client["metrics"].update(_init_metrics(engine, prev, teacher, pre, val_ds, cfg))
+    elif rank == 0:
+        print(f"stage {k} {stage.name}: resuming from checkpoint at step {client['step']}")
+    metrics: dict[str, Any] = {"stage": k, "name": stage.name, "steps": steps, "global_batch": settings.batch_size,
+                               "ranks": world, "transfer": transfer.model_dump() if transfer else None,
+                               **client["metrics"]}
+
+    # Train.
+    t_pre = preprocess_for(prev.model_cfg) if use_teacher else None
+    loader = train_loader(train_ds, pre, t_pre, global_batch=settings.batch_size, steps=steps, rank=rank,
+                          world=world, gas=engine.gradient_accumulation_steps(), seed=cfg.seed + k,
+                          start_step=client["step"])
+    curve = list(client["curve"])
+    _train_loop(engine, loader, ChainLoss(transfer.alpha if use_teacher else None, rank, world), teacher,
+                steps=steps, start=client["step"], curve=curve, settings=settings, checkpointer=checkpointer,
+                client={"metrics": client["metrics"]}, label=f"stage {k} {stage.name}", rank=rank)
     train_seconds = time.time() - t0
 
+    # Evaluate, count, save.
     metrics.update(evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, cfg.eval.retrieval))
     samples = steps * settings.batch_size
     student_flops = count_sample_flops(model_cfg).train * samples
@@ -199,7 +231,6 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     metrics["loss_curve"] = "loss.csv"
     metrics["params"] = sum(getattr(p, "ds_numel", p.numel()) for n, p in engine.module.named_parameters()
                             if not n.startswith("align_proj."))
-
     weights = out_dir / "model.safetensors"
     sha = save_zero3_module(engine.module, weights, metadata={"format": "pt", "compt_stage": stage.name},
                             rename=export_name_and_tensor)
@@ -213,6 +244,7 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
         run.update_stage(k, status="done", weights=str(weights.relative_to(run.root)), sha256=sha,
                          metrics=summary(metrics))
     _barrier()
+    checkpointer.remove_all()
     engine.destroy() if hasattr(engine, "destroy") else None
     del engine, model, teacher
     gc.collect()

@@ -3,5 +3,6 @@
 Installed as ``compt.kernels`` (never as a top-level ``kernels`` package).
 """
 from compt.kernels.alignment import feature_alignment_loss_reference
+from compt.kernels.alignment_triton import NonFiniteInputError, feature_alignment_loss
 
-__all__ = ["feature_alignment_loss_reference"]
+__all__ = ["feature_alignment_loss", "feature_alignment_loss_reference", "NonFiniteInputError"]

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from compt.checkpoint import StageInterrupted
 from compt.config import ChainConfigError, load_chain
 from compt.data import build_dataset
 from compt.engine import read_ds_config
@@ -72,7 +73,11 @@ def main() -> int:
         predecessor = done[-1][2] if done else None
         result = finished_stage(run, cfg, k)
         if result is None:
-            result = train_stage(k, cfg, ds_base, run, predecessor, train_ds, val_ds)
+            try:
+                result = train_stage(k, cfg, ds_base, run, predecessor, train_ds, val_ds)
+            except StageInterrupted as e:
+                print(e, file=sys.stderr)
+                return 143
         elif rank == 0:
             print(f"stage {k} {stage.name}: already done (weights verified), skipping")
         done.append((stage, result.metrics, result))

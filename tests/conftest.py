@@ -23,10 +23,10 @@ TINY_CHAIN = {
     "seed": 0,
     "data": {"kind": "digits", "render_size": 16},
     "eval": {"batch_size": 120},
-    "defaults": {"lr": 2.0e-3, "warmup_steps": 2, "batch_size": 32, "log_every": 2},
+    "defaults": {"lr": 2.0e-3, "warmup_steps": 2, "batch_size": 32, "log_every": 2, "checkpoint_every_steps": 2},
     "stages": [
         {"name": "a", "model": tiny_model(32, 1), "budget": {"steps": 6}},
-        {"name": "b", "model": tiny_model(64, 1), "budget": {"steps": 4},
+        {"name": "b", "model": tiny_model(64, 1), "budget": {"steps": 8},
          "transfer": {"init": "official", "align": True, "alpha": 500}},
         {"name": "c", "model": tiny_model(64, 2), "budget": {"samples": 128},
          "transfer": {"init": "official", "align": True, "alpha": 500}},

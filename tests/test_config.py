@@ -20,7 +20,7 @@ def test_demo_preset_and_tiny_chain_are_valid(chain_yaml):
     assert [s.name for s in demo.stages] == ["tiny", "small", "base"]
     cfg = load_chain(str(chain_yaml), DS)
     assert cfg.transfer(0) is None and cfg.transfer(1).init == "official"
-    assert cfg.stages[1].budget.steps_for(1437, 32) == 4
+    assert cfg.stages[1].budget.steps_for(1437, 32) == 8
     assert cfg.stages[2].budget.steps_for(1437, 32) == 4  # 128 samples / 32
 
 

@@ -27,7 +27,7 @@ def vision_sources(small_layers, big_layers):
 
 
 def test_modes():
-    assert MODES == ("official", "none")
+    assert MODES == ("exact", "official", "none")
     with pytest.raises(ValueError, match="unknown growth mode"):
         source_name("logit_scale", cfg(), cfg(), "exactish")
 

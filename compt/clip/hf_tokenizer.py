@@ -45,11 +45,9 @@ def clip_tokenizer(context_length: int):
                          model_max_length=context_length)
 
 
-def write_tokenizer(out: Path, context_length: int) -> None:
-    """tokenizer.json and tokenizer_config.json, plus vocab.json and merges.txt for
-    loaders that build the tokenizer from those (older transformers' slow CLIPTokenizer)."""
-    tok = clip_tokenizer(context_length)
-    tok.save_pretrained(str(out))
+def write_bpe_files(out: Path) -> None:
+    """vocab.json and merges.txt, for loaders that build the tokenizer from those rather than
+    tokenizer.json (older transformers' slow CLIPTokenizer)."""
     vocab, merges = clip_vocab_and_merges()
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -1,0 +1,357 @@
+"""Growth plans: one student tensor described as an index map into one teacher tensor,
+a scale and a fill, evaluated by a single per-element function on flat indices.
+
+Because every output element is computed from its own global flat index only, the
+dense tensor and any flat slice of it (a ZeRO-3 rank's partition) come from the same
+code and agree bit for bit, whatever the cut points, thread count or chunking.
+
+How a plan reads
+----------------
+A plan has one :class:`Axis` per student dimension. For each student index along an
+axis the axis gives a teacher index (``src``), a factor (``scale``) and a status.
+An element's status is the highest of its axes' statuses (``ZERO`` beats ``INIT``
+beats ``RANDOM`` beats ``FREE`` beats ``SRC``):
+
+``SRC``     teacher value at the combined index, times the product of the scales.
+            ``src == teacher size`` along an axis points at an appended "mean slot":
+            the mean of the teacher tensor along that axis (so "mean of the rows" is
+            just one more row).
+``FREE``    ``noise * rms(teacher) * N(0, 1)`` (0 when noise is 0): an input weight
+            whose input is zero, so any value keeps the function.
+``RANDOM``  ``random_gain * rms(teacher) * N(0, 1)``, drawn whatever ``noise`` is:
+            input weights of a new unit whose output weights are zero.
+``INIT``    the student's own initial value (``init_slice``).
+``ZERO``    0.
+
+One axis may be *paired*: its indices ``[0, copies * period)`` are ``copies`` tiled
+copies of the same teacher index (a reader of a tiled input). With ``noise > 0`` the
+copies get zero-sum noise of std ``noise * rms(teacher) / copies``: ``+z, -z`` for two
+copies, ``g_c - g_{c+1 mod q}`` (scaled to unit variance) for ``q > 2``, so the copies
+still sum to the teacher value.
+
+Determinism
+-----------
+Everything is computed in float64 and cast at the end. Randomness is counter-based:
+a 32-bit integer hash of (seed, tensor name, purpose, global flat index) built from
+integer ops that never overflow int64, then Box-Muller with our own polynomial
+``log``/``cos`` (only +, -, *, /, sqrt and frexp, which are exactly rounded everywhere,
+so results do not depend on SIMD tails or the device). Reductions (mean slots, rms)
+use a fixed pairwise tree of elementwise adds, which does not depend on the number of
+threads either.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+SRC, FREE, RANDOM, INIT, ZERO = 0, 1, 2, 3, 4
+_REST = {"mean": SRC, "free": FREE, "random": RANDOM, "init": INIT, "zero": ZERO}
+
+# Elements computed per vectorised step; bounds temporary memory (~20 float64/int64 temporaries).
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class Axis:
+    """How one student dimension reads the teacher dimension (see the module docstring)."""
+
+    src: torch.Tensor  # int64 [n]
+    scale: torch.Tensor  # float64 [n]
+    status: torch.Tensor  # int64 [n]
+    copies: int = 1  # >1: a paired axis, indices [0, copies*period) are tiled copies
+    period: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.src.numel()
+
+
+def tile_axis(n_small: int, n_big: int, *, copies: int | None = None, scale: float = 1.0, rest: str = "mean",
+              rest_scale: float = 1.0, blocks: int = 1, paired: bool = False) -> Axis:
+    """Student index ``i < copies * n_small`` reads teacher index ``i mod n_small`` times
+    ``scale``; the remainder is filled as ``rest`` ("mean" = the teacher's mean slot times
+    ``rest_scale``, or "free"/"random"/"init"/"zero"). ``copies`` defaults to as many whole
+    copies as fit (``copies=1`` is a prefix copy, ``copies=0`` fills everything).
+
+    ``blocks`` splits both sides into that many equal consecutive blocks and tiles block
+    by block (the packed q/k/v rows of an attention in_proj). ``paired`` makes the copies
+    share zero-sum noise (readers of a tiled input).
+    """
+    if n_small % blocks or n_big % blocks:
+        raise ValueError(f"sizes {n_small} -> {n_big} do not split into {blocks} blocks")
+    if rest == "mean" and blocks != 1:
+        raise ValueError("a mean fill needs blocks=1")
+    ps, pb = n_small // blocks, n_big // blocks
+    fit = pb // ps if ps else 0
+    q = fit if copies is None else min(copies, fit)
+    i = torch.arange(n_big, dtype=torch.int64)
+    b, j = i // pb, i % pb
+    inside = j < q * ps
+    rest_src = n_small if rest == "mean" else 0
+    src = torch.where(inside, b * ps + (j % ps if ps else j), torch.full_like(i, rest_src))
+    status = torch.where(inside, torch.full_like(i, SRC), torch.full_like(i, _REST[rest]))
+    scale_t = torch.where(inside, torch.full((n_big,), float(scale), dtype=torch.float64),
+                          torch.full((n_big,), float(rest_scale), dtype=torch.float64))
+    if paired and blocks != 1:
+        raise ValueError("a paired axis needs blocks=1")
+    pair = paired and q >= 2
+    return Axis(src=src, scale=scale_t, status=status, copies=q if pair else 1, period=ps if pair else 0)
+
+
+def _tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum along ``dim`` by a fixed pairwise tree of elementwise adds (keepdim)."""
+    x = x.movedim(dim, -1)
+    n = x.shape[-1]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        x = F.pad(x, (0, width - n))
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x.movedim(-1, dim)
+
+
+def _rms(x: torch.Tensor) -> float:
+    flat = x.reshape(-1)
+    if flat.numel() == 0:
+        return 0.0
+    return math.sqrt(_tree_sum(flat * flat, 0).item() / flat.numel())
+
+
+# ---- counter-based normal draws --------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 for 0 <= x < 2**32 without int64 overflow: split c into 16-bit halves.
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # "triple32" (C. Wellons, public domain): a bijection on 32-bit ints with low bias.
+    x = x ^ (x >> 17)
+    x = _mul32(x, 0xED5AD4BB)
+    x = x ^ (x >> 11)
+    x = _mul32(x, 0xAC4C1B51)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x31848BAB)
+    return x ^ (x >> 14)
+
+
+def _stream_key(seed: int, name: str, purpose: str) -> tuple[int, int, int, int]:
+    digest = hashlib.blake2b(f"{seed}\x00{name}\x00{purpose}".encode(), digest_size=16).digest()
+    return tuple(int.from_bytes(digest[k:k + 4], "little") for k in range(0, 16, 4))  # type: ignore[return-value]
+
+
+_LN2 = math.log(2.0)
+_SQRT_HALF = math.sqrt(0.5)
+_LOG_COEF = [1.0 / (2 * k + 1) for k in range(10)]  # 2*atanh(s) = 2s * sum s^2k / (2k+1)
+_COS_COEF = [(-1.0) ** k / math.factorial(2 * k) for k in range(15)]  # |x| <= pi: error < 1e-15
+
+
+def _log(u: torch.Tensor) -> torch.Tensor:
+    """Natural log of u > 0 (float64) from frexp and a series; ~1e-15 relative error."""
+    m, e = torch.frexp(u)
+    low = m < _SQRT_HALF
+    m = torch.where(low, m * 2.0, m)  # now in [sqrt(1/2), sqrt(2))
+    e = (e - low.to(e.dtype)).to(torch.float64)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    p = torch.full_like(s, _LOG_COEF[-1])
+    for c in reversed(_LOG_COEF[:-1]):
+        p = p * s2 + c
+    return e * _LN2 + 2.0 * s * p
+
+
+def _cos_2pi(u: torch.Tensor) -> torch.Tensor:
+    """cos(2*pi*u) for u in [0, 1) (float64), by a Taylor polynomial around pi."""
+    x = (u - 0.5) * (2.0 * math.pi)  # cos(2 pi u) = -cos(x), |x| <= pi
+    x2 = x * x
+    p = torch.full_like(x, _COS_COEF[-1])
+    for c in reversed(_COS_COEF[:-1]):
+        p = p * x2 + c
+    return -p
+
+
+def counter_normal(seed: int, name: str, purpose: str, index: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws (float64), a pure function of (seed, name, purpose, index)
+    for int64 ``index >= 0``."""
+    k0, k1, k2, k3 = _stream_key(seed, name, purpose)
+    h = _mix32((index & _M32) ^ k0)
+    h = _mix32(h ^ ((index >> 32) & _M32) ^ k1)
+    a = _mix32(h ^ k2)
+    b = _mix32(h ^ k3)
+    u1 = (a.to(torch.float64) + 1.0) * 2.0 ** -32  # (0, 1]
+    u2 = b.to(torch.float64) * 2.0 ** -32  # [0, 1)
+    return torch.sqrt(-2.0 * _log(u1)) * _cos_2pi(u2)
+
+
+# ---- plans ---------------------------------------------------------------------------------
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return out[::-1]
+
+
+@dataclass(frozen=True, eq=False)
+class _Prepared:
+    ext: torch.Tensor  # flat float64 teacher tensor with mean slots appended where used
+    ext_strides: list[int]
+    rms: float
+
+
+@dataclass(frozen=True, eq=False)
+class TensorPlan:
+    """How to compute one student tensor from (at most) one teacher tensor.
+
+    ``sources``: teacher tensor names needed (empty: nothing is read). ``shape``: the
+    student tensor's shape (stock open_clip shapes; only the element count matters to
+    ``flat_slice``). ``source_shape``: the teacher tensor's expected shape.
+    """
+
+    name: str
+    sources: tuple[str, ...]
+    shape: tuple[int, ...]
+    source_shape: tuple[int, ...]
+    axes: tuple[Axis, ...]
+    noise: float = 0.0
+    seed: int = 0
+    random_gain: float = 0.0
+
+    def __post_init__(self):
+        if len(self.axes) not in (0, len(self.shape)):
+            raise ValueError(f"{self.name}: {len(self.axes)} axes for shape {self.shape}")
+        if self.axes and len(self.source_shape) != len(self.shape):
+            raise ValueError(f"{self.name}: teacher shape {self.source_shape} and student shape {self.shape} "
+                             "have different ranks")
+        if sum(a.copies > 1 for a in self.axes) > 1:
+            raise ValueError(f"{self.name}: at most one paired axis")
+        if not self.sources and any(bool((a.status == SRC).any()) for a in self.axes):
+            raise ValueError(f"{self.name}: a plan without a source must fill every element")
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+    def needs_init(self) -> bool:
+        """Whether some element keeps the student's init (so ``init``/``init_slice`` is required)."""
+        return any(bool((a.status == INIT).any()) for a in self.axes)
+
+    # -- teacher side, computed once per call from the whole teacher tensor
+    def _prepare(self, small: Mapping[str, torch.Tensor]) -> _Prepared | None:
+        if not self.sources:
+            return None
+        src_name = self.sources[0]
+        if src_name not in small:
+            raise KeyError(f"growing {self.name} needs teacher tensor {src_name!r}, which is missing")
+        t = small[src_name].detach()
+        scalar = _numel(self.source_shape) == 1 and t.numel() == 1 and len(self.source_shape) <= 1 and t.ndim <= 1
+        if tuple(t.shape) != tuple(self.source_shape) and not scalar:
+            raise ValueError(f"growing {self.name}: teacher tensor {src_name} has shape {tuple(t.shape)}, "
+                             f"the configs say {tuple(self.source_shape)}")
+        x = t.to(torch.float64).reshape(self.source_shape if self.axes else (t.numel(),))
+        for d, axis in enumerate(self.axes):
+            n_small = x.shape[d]
+            if bool(((axis.src == n_small) & (axis.status == SRC)).any()):
+                x = torch.cat([x, _tree_sum(x, d) / n_small], dim=d)
+        need_rms = any(bool((a.status == RANDOM).any()) for a in self.axes) or (
+            self.noise > 0 and any(a.copies > 1 or bool((a.status == FREE).any()) for a in self.axes))
+        return _Prepared(ext=x.reshape(-1).contiguous(), ext_strides=_strides(tuple(x.shape)),
+                         rms=_rms(t.to(torch.float64)) if need_rms else 0.0)
+
+    # -- per element: the one definition of the rule
+    def _values(self, prep: _Prepared | None, f: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+        n = f.numel()
+        out = torch.zeros(n, dtype=torch.float64, device=f.device)
+        if not self.axes:  # a single value copied (logit_scale, 0-d or [1])
+            return out + prep.ext[0] if prep is not None else out
+        strides = _strides(self.shape)
+        status = torch.zeros(n, dtype=torch.int64, device=f.device)
+        src = torch.zeros(n, dtype=torch.int64, device=f.device)
+        scale = torch.ones(n, dtype=torch.float64, device=f.device)
+        pair_idx = None
+        for d, axis in enumerate(self.axes):
+            idx = f // strides[d] if d == 0 else (f // strides[d]) % axis.size
+            status = torch.maximum(status, axis.status[idx])
+            if prep is not None:
+                src = src + axis.src[idx] * prep.ext_strides[d]
+            scale = scale * axis.scale[idx]
+            if axis.copies > 1:
+                pair_idx = (d, axis, idx)
+
+        take = status == SRC
+        if bool(take.any()):
+            vals = prep.ext[src[take]] * scale[take]
+            if pair_idx is not None and self.noise > 0:
+                d, axis, idx = pair_idx
+                noisy = idx[take] < axis.copies * axis.period
+                ft = f[take][noisy]
+                it = idx[take][noisy]
+                copy = it // axis.period
+                std = self.noise * prep.rms / axis.copies
+                if axis.copies == 2:
+                    base = ft - copy * (axis.period * strides[d])  # copy 0's flat index
+                    z = counter_normal(self.seed, self.name, "pair", base)
+                    z = torch.where(copy == 0, z, -z)
+                else:
+                    nxt = ft + (((copy + 1) % axis.copies) - copy) * (axis.period * strides[d])
+                    z = (counter_normal(self.seed, self.name, "pair", ft)
+                         - counter_normal(self.seed, self.name, "pair", nxt)) * _SQRT_HALF
+                vals[noisy] = vals[noisy] + z * std
+            out[take] = vals
+        for code, purpose, std in ((FREE, "free", self.noise * (prep.rms if prep else 0.0)),
+                                   (RANDOM, "random", self.random_gain * (prep.rms if prep else 0.0))):
+            sel = status == code
+            if std > 0 and bool(sel.any()):
+                out[sel] = counter_normal(self.seed, self.name, purpose, f[sel]) * std
+        sel = status == INIT
+        if bool(sel.any()):
+            if init is None:
+                raise ValueError(f"growing {self.name} keeps part of the student's init: pass init / init_slice")
+            out[sel] = init[sel].to(device=out.device, dtype=torch.float64)
+        return out
+
+    def flat_slice(self, small: Mapping[str, torch.Tensor], start: int, end: int,
+                   init_slice: torch.Tensor | None = None, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements ``[start, end)`` of the flattened (row-major) grown tensor, without
+        materialising the whole of it. ``init_slice`` is the same flat slice of the
+        student's own init (only read where the rule keeps init, e.g. ``official``).
+        Result dtype: ``dtype``, else ``init_slice``'s, else float64; device: ``init_slice``'s,
+        else the teacher tensor's."""
+        if not (0 <= start <= end <= self.numel):
+            raise ValueError(f"{self.name}: slice [{start}, {end}) outside [0, {self.numel})")
+        if init_slice is not None and init_slice.numel() != end - start:
+            raise ValueError(f"{self.name}: init_slice has {init_slice.numel()} elements, slice has {end - start}")
+        prep = self._prepare(small)
+        device = prep.ext.device if prep is not None else (
+            init_slice.device if init_slice is not None else torch.device("cpu"))
+        init_flat = init_slice.detach().reshape(-1) if init_slice is not None else None
+        out = torch.empty(end - start, dtype=torch.float64, device=device)
+        for lo in range(start, end, _CHUNK):
+            hi = min(lo + _CHUNK, end)
+            f = torch.arange(lo, hi, dtype=torch.int64, device=device)
+            chunk_init = init_flat[lo - start:hi - start] if init_flat is not None else None
+            out[lo - start:hi - start] = self._values(prep, f, chunk_init)
+        dtype = dtype or (init_slice.dtype if init_slice is not None else torch.float64)
+        return out.to(device=init_slice.device if init_slice is not None else device, dtype=dtype)
+
+    def dense(self, small: Mapping[str, torch.Tensor], init: torch.Tensor | None = None, *,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole grown tensor: ``flat_slice(small, 0, numel, init.flatten())`` reshaped
+        to ``init``'s shape (a [1] logit_scale stays [1]) or ``shape``."""
+        if init is not None and init.numel() != self.numel:
+            raise ValueError(f"cannot grow {self.name}: student tensor has shape {tuple(init.shape)}, "
+                             f"the configs say {self.shape}")
+        flat = self.flat_slice(small, 0, self.numel, init.reshape(-1) if init is not None else None, dtype=dtype)
+        return flat.reshape(tuple(init.shape) if init is not None else self.shape)
