@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from compt.cli import main
-from compt.clip.export import transformers_problem
+from compt.clip.export import to_transformers_state_dict, transformers_config, transformers_problem
 from compt.clip.hf_tokenizer import clip_tokenizer
 from compt.clip.model import build_clip, export_name_and_tensor, load_into, preprocess_for, write_model_config
 from compt.config import ChainConfig
@@ -220,6 +220,30 @@ def test_transformers_problem_names_what_cannot_be_expressed():
     for needle, cfg in cases.items():
         problem = transformers_problem(cfg)
         assert problem and needle in problem, (needle, problem)
+
+
+@pytest.mark.parametrize("variant", [
+    {"quick_gelu": True},
+    {"vision_cfg": {"final_ln_after_pool": True, "mlp_ratio": 2.5, "norm_kwargs": {"eps": 1e-6}}},
+    {"text_cfg": {"pool_type": "eos", "eos_id": 49407}},
+])
+def test_conversion_matches_open_clip_for_expressible_variants(variant):
+    from transformers import CLIPModel
+
+    cfg = copy.deepcopy(_model_cfg(32, 2))
+    for key, value in variant.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    assert transformers_problem(cfg) is None
+    model = build_clip(cfg).eval()
+    _randomise(model, 7)
+    state = {k: export_name_and_tensor(k, v)[1] for k, v in model.state_dict().items()}
+    hf = CLIPModel(transformers_config(cfg)).eval()
+    hf.load_state_dict(to_transformers_state_dict(state.__getitem__, cfg), strict=True)
+    pixels = torch.randn(2, 3, 16, 16)
+    tokens = open_clip.SimpleTokenizer(context_length=CTX)(TEXTS)  # padded with 0, as open_clip does
+    with torch.no_grad():
+        assert _maxdiff(_features(hf.get_image_features(pixel_values=pixels)), model.encode_image(pixels)) <= 1e-5
+        assert _maxdiff(_features(hf.get_text_features(input_ids=tokens)), model.encode_text(tokens)) <= 1e-5
 
 
 def _copy_run(run_dir: Path, dst: Path, stage: str) -> Path:

@@ -171,11 +171,14 @@ def transformers_problem(model_cfg: dict[str, Any]) -> str | None:
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
     problems = []
-    for key, what in (("custom_text", "a custom text tower (custom_text)"),
-                      ("multimodal_cfg", "a multimodal decoder (CoCa)"),
-                      ("init_logit_bias", "a logit bias (SigLIP-style loss)")):
-        if model_cfg.get(key) is not None and model_cfg.get(key) is not False:
-            problems.append(what)
+    if model_cfg.get("custom_text"):
+        problems.append("a custom text tower (custom_text)")
+    if model_cfg.get("multimodal_cfg"):
+        problems.append("a multimodal decoder (CoCa)")
+    if model_cfg.get("init_logit_bias") is not None:
+        problems.append("a logit bias (SigLIP-style loss)")
+    if preprocess_cfg(model_cfg)["resize_mode"] == "longest":
+        problems.append("preprocess resize_mode 'longest' (CLIPImageProcessor has no letterbox resize)")
     v = CLIPVisionCfg(**model_cfg["vision_cfg"])
     t = CLIPTextCfg(**model_cfg["text_cfg"])
     if v.timm_model_name:
@@ -347,6 +350,10 @@ class ExportResult:
 def _formats_for(stage: FinishedStage, fmt: str) -> tuple[list[str], str | None]:
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}')")
+    if stage.model_cfg["text_cfg"].get("hf_tokenizer_name"):
+        # open_clip's local-dir loader would look for that tokenizer's files in the folder.
+        raise ExportError(f"stage {stage.folder}: text_cfg.hf_tokenizer_name is set; compt export only writes "
+                          "models using open_clip's default CLIP tokenizer")
     problem = transformers_problem(stage.model_cfg)
     if fmt == "transformers" and problem:
         raise ExportError(f"stage {stage.folder}: {problem}; export it with --format open_clip")
