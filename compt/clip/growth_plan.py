@@ -63,8 +63,15 @@ class Axis:
     src: torch.Tensor  # int64 [n]
     scale: torch.Tensor  # float64 [n]
     status: torch.Tensor  # int64 [n]
+    n_small: int  # the teacher's size along this axis; src == n_small is the mean slot
     copies: int = 1  # >1: a paired axis, indices [0, copies*period) are tiled copies
     period: int = 0
+
+    def __post_init__(self):
+        # Whole-axis facts that let the per-element code skip work; they never change a result.
+        object.__setattr__(self, "all_src", bool((self.status == SRC).all()))
+        object.__setattr__(self, "unit_scale", bool((self.scale == 1.0).all()))
+        object.__setattr__(self, "uses_mean", bool(((self.src == self.n_small) & (self.status == SRC)).any()))
 
     @property
     def size(self) -> int:
@@ -100,7 +107,8 @@ def tile_axis(n_small: int, n_big: int, *, copies: int | None = None, scale: flo
     if paired and blocks != 1:
         raise ValueError("a paired axis needs blocks=1")
     pair = paired and q >= 2
-    return Axis(src=src, scale=scale_t, status=status, copies=q if pair else 1, period=ps if pair else 0)
+    return Axis(src=src, scale=scale_t, status=status, n_small=n_small, copies=q if pair else 1,
+                period=ps if pair else 0)
 
 
 def _tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -178,12 +186,18 @@ def _cos_2pi(u: torch.Tensor) -> torch.Tensor:
     return -p
 
 
+def _mix32_int(x: int) -> int:
+    return int(_mix32(torch.tensor([x], dtype=torch.int64))[0])
+
+
 def counter_normal(seed: int, name: str, purpose: str, index: torch.Tensor) -> torch.Tensor:
     """Standard normal draws (float64), a pure function of (seed, name, purpose, index)
     for int64 ``index >= 0``."""
     k0, k1, k2, k3 = _stream_key(seed, name, purpose)
-    h = _mix32((index & _M32) ^ k0)
-    h = _mix32(h ^ ((index >> 32) & _M32) ^ k1)
+    hi = (index >> 32) & _M32
+    # The high word enters through mix32(hi ^ k1); below 2**32 elements it is one constant.
+    hi_mix = _mix32_int(k1) if not bool(hi.any()) else _mix32(hi ^ k1)
+    h = _mix32((index & _M32) ^ k0 ^ hi_mix)
     a = _mix32(h ^ k2)
     b = _mix32(h ^ k3)
     u1 = (a.to(torch.float64) + 1.0) * 2.0 ** -32  # (0, 1]
@@ -262,65 +276,102 @@ class TensorPlan:
                              f"the configs say {tuple(self.source_shape)}")
         x = t.to(torch.float64).reshape(self.source_shape if self.axes else (t.numel(),))
         for d, axis in enumerate(self.axes):
-            n_small = x.shape[d]
-            if bool(((axis.src == n_small) & (axis.status == SRC)).any()):
-                x = torch.cat([x, _tree_sum(x, d) / n_small], dim=d)
-        need_rms = any(bool((a.status == RANDOM).any()) for a in self.axes) or (
+            if axis.uses_mean:  # append the mean slot along this axis
+                x = torch.cat([x, _tree_sum(x, d) / axis.n_small], dim=d)
+        need_rms = self.random_gain > 0 and any(bool((a.status == RANDOM).any()) for a in self.axes) or (
             self.noise > 0 and any(a.copies > 1 or bool((a.status == FREE).any()) for a in self.axes))
         return _Prepared(ext=x.reshape(-1).contiguous(), ext_strides=_strides(tuple(x.shape)),
                          rms=_rms(t.to(torch.float64)) if need_rms else 0.0)
 
     # -- per element: the one definition of the rule
     def _values(self, prep: _Prepared | None, f: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+        """Grown values (float64) at global flat indices ``f``. Purely elementwise in ``f``;
+        the shortcuts below depend only on whole-axis facts, never on which elements are
+        in the chunk, except for skipping work on elements that are absent."""
         n = f.numel()
-        out = torch.zeros(n, dtype=torch.float64, device=f.device)
         if not self.axes:  # a single value copied (logit_scale, 0-d or [1])
-            return out + prep.ext[0] if prep is not None else out
+            return torch.full((n,), float(prep.ext[0]) if prep is not None else 0.0, dtype=torch.float64,
+                              device=f.device)
         strides = _strides(self.shape)
-        status = torch.zeros(n, dtype=torch.int64, device=f.device)
-        src = torch.zeros(n, dtype=torch.int64, device=f.device)
-        scale = torch.ones(n, dtype=torch.float64, device=f.device)
-        pair_idx = None
+        last = len(self.axes) - 1
+        status = src = scale = None
+        pair = None
         for d, axis in enumerate(self.axes):
-            idx = f // strides[d] if d == 0 else (f // strides[d]) % axis.size
-            status = torch.maximum(status, axis.status[idx])
+            if d == 0:
+                idx = f // strides[0]
+            elif d == last:
+                idx = f % axis.size
+            else:
+                idx = (f // strides[d]) % axis.size
+            a_src, a_scale, a_status = (t.to(f.device) for t in (axis.src, axis.scale, axis.status))
+            if not axis.all_src:
+                st = a_status[idx]
+                status = st if status is None else torch.maximum(status, st)
             if prep is not None:
-                src = src + axis.src[idx] * prep.ext_strides[d]
-            scale = scale * axis.scale[idx]
+                s_d = a_src[idx]
+                if prep.ext_strides[d] != 1:
+                    s_d = s_d * prep.ext_strides[d]
+                src = s_d if src is None else src + s_d
+            if not axis.unit_scale:
+                sc = a_scale[idx]
+                scale = sc if scale is None else scale * sc
             if axis.copies > 1:
-                pair_idx = (d, axis, idx)
+                pair = (d, axis, idx)
 
+        if status is None:  # every element reads the teacher: no masks
+            vals = prep.ext[src]
+            if scale is not None:
+                vals = vals * scale
+            if pair is not None and self.noise > 0:
+                vals = self._pair_noise(vals, prep, f, *pair, strides[pair[0]])
+            return vals
+
+        out = torch.zeros(n, dtype=torch.float64, device=f.device)
         take = status == SRC
-        if bool(take.any()):
-            vals = prep.ext[src[take]] * scale[take]
-            if pair_idx is not None and self.noise > 0:
-                d, axis, idx = pair_idx
-                noisy = idx[take] < axis.copies * axis.period
-                ft = f[take][noisy]
-                it = idx[take][noisy]
-                copy = it // axis.period
-                std = self.noise * prep.rms / axis.copies
-                if axis.copies == 2:
-                    base = ft - copy * (axis.period * strides[d])  # copy 0's flat index
-                    z = counter_normal(self.seed, self.name, "pair", base)
-                    z = torch.where(copy == 0, z, -z)
-                else:
-                    nxt = ft + (((copy + 1) % axis.copies) - copy) * (axis.period * strides[d])
-                    z = (counter_normal(self.seed, self.name, "pair", ft)
-                         - counter_normal(self.seed, self.name, "pair", nxt)) * _SQRT_HALF
-                vals[noisy] = vals[noisy] + z * std
+        if prep is not None and bool(take.any()):
+            vals = prep.ext[src[take]]
+            if scale is not None:
+                vals = vals * scale[take]
+            if pair is not None and self.noise > 0:
+                d, axis, idx = pair
+                vals = self._pair_noise(vals, prep, f[take], d, axis, idx[take], strides[d])
             out[take] = vals
         for code, purpose, std in ((FREE, "free", self.noise * (prep.rms if prep else 0.0)),
                                    (RANDOM, "random", self.random_gain * (prep.rms if prep else 0.0))):
-            sel = status == code
-            if std > 0 and bool(sel.any()):
-                out[sel] = counter_normal(self.seed, self.name, purpose, f[sel]) * std
+            if std > 0:
+                sel = status == code
+                if bool(sel.any()):
+                    out[sel] = counter_normal(self.seed, self.name, purpose, f[sel]) * std
         sel = status == INIT
         if bool(sel.any()):
             if init is None:
                 raise ValueError(f"growing {self.name} keeps part of the student's init: pass init / init_slice")
             out[sel] = init[sel].to(device=out.device, dtype=torch.float64)
         return out
+
+    def _pair_noise(self, vals: torch.Tensor, prep: _Prepared, f: torch.Tensor, d: int, axis: Axis,
+                    idx: torch.Tensor, stride: int) -> torch.Tensor:
+        """Add zero-sum noise across the ``axis.copies`` tiled copies (elements of ``vals``
+        at flat indices ``f`` with index ``idx`` along the paired axis ``d``)."""
+        span = axis.copies * axis.period
+        noisy = None if axis.size == span else idx < span
+        if noisy is not None:
+            f, idx = f[noisy], idx[noisy]
+        copy = idx // axis.period
+        std = self.noise * prep.rms / axis.copies
+        if axis.copies == 2:  # +z on copy 0, -z on copy 1, keyed by copy 0's flat index
+            z = counter_normal(self.seed, self.name, "pair", f - copy * (axis.period * stride))
+            z = torch.where(copy == 0, z, -z)
+        else:  # g_c - g_{c+1 mod q}: sums to zero over the copies; scaled to unit variance
+            nxt = f + (((copy + 1) % axis.copies) - copy) * (axis.period * stride)
+            z = (counter_normal(self.seed, self.name, "pair", f)
+                 - counter_normal(self.seed, self.name, "pair", nxt)) * _SQRT_HALF
+        z = z * std
+        if noisy is None:
+            return vals + z
+        vals = vals.clone()
+        vals[noisy] = vals[noisy] + z
+        return vals
 
     def flat_slice(self, small: Mapping[str, torch.Tensor], start: int, end: int,
                    init_slice: torch.Tensor | None = None, *, dtype: torch.dtype | None = None) -> torch.Tensor:
