@@ -14,11 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from compt.clip.grow import growth_problem
 from compt.clip.model import model_config_problem, resolve_model_config, size_problem
 from compt.data import DataConfig
 
 PRESETS = {"demo": "demo.yaml"}
-TRANSFER_MODES = ("official", "none")
 
 
 class ChainConfigError(ValueError):
@@ -58,9 +58,15 @@ class Budget(_Strict):
 
 
 class Transfer(_Strict):
-    """How a stage uses its predecessor: parameter space (init) and feature space (align)."""
+    """How a stage uses its predecessor: parameter space (init) and feature space (align).
 
-    init: Literal["official", "none"] = "official"
+    init: exact (function-preserving growth), official (the reference code's slice copy),
+    none (from scratch). noise/seed: symmetry breaking for exact growth (function kept).
+    """
+
+    init: Literal["exact", "official", "none"] = "official"
+    noise: float = Field(0.0, ge=0.0)
+    seed: int | None = Field(None, description="growth noise seed (default: the chain seed + stage index)")
     align: bool = True
     alpha: float = Field(500.0, ge=0.0)
 
@@ -113,6 +119,8 @@ class ChainConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     defaults: TrainSettings = Field(default_factory=TrainSettings)
+    kernels: Literal["auto", "triton", "reference"] = Field(
+        "auto", description="alignment loss: auto = fused Triton kernel on a GPU, PyTorch reference otherwise")
     stages: list[StageConfig] = Field(min_length=1)
 
     def model_cfg(self, k: int) -> dict:
@@ -162,6 +170,12 @@ def chain_problems(cfg: ChainConfig) -> list[str]:
             p = size_problem(resolved[k - 1], resolved[k])
             if p:
                 problems.append(f"stages.{k}.model: {p}")
+            mode = cfg.transfer(k).init
+            if not p and mode != "none":
+                p = growth_problem(resolved[k - 1], resolved[k], mode)
+                if p:
+                    problems.append(f"stages.{k}.transfer.init: {mode} growth is impossible here: {p}; "
+                                    "use another mode or change the model")
         bs = stage.settings(cfg.defaults).batch_size
         if bs < 2:
             problems.append(f"stages.{k}.batch_size: contrastive training needs a batch of at least 2")

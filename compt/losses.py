@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import open_clip
 import torch
 
-from compt.kernels import feature_alignment_loss_reference
+from compt.kernels import feature_alignment_loss
 
 
 @dataclass
@@ -21,8 +21,8 @@ class LossParts:
 
 
 class ChainLoss:
-    def __init__(self, alpha: float | None, rank: int = 0, world_size: int = 1):
-        self.alpha = alpha
+    def __init__(self, alpha: float | None, rank: int = 0, world_size: int = 1, backend: str = "auto"):
+        self.alpha, self.backend = alpha, backend  # backend: auto = fused Triton on GPU, PyTorch reference otherwise
         self.clip = open_clip.ClipLoss(
             local_loss=False, gather_with_grad=world_size > 1, rank=rank, world_size=world_size
         )
@@ -35,5 +35,5 @@ class ChainLoss:
         if teacher is None or not self.alpha:
             return LossParts(contrastive, contrastive, None)
         a_img, a_txt = student[3:5] if len(student) >= 5 else (s_img, s_txt)
-        align = feature_alignment_loss_reference(a_img, a_txt, teacher[0], teacher[1], self.alpha)
+        align = feature_alignment_loss(a_img, a_txt, teacher[0], teacher[1], self.alpha, backend=self.backend)
         return LossParts(contrastive + align, contrastive, align)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from compt.clip.grow import grow_tensor, source_name
+from compt.clip.grow import plan_tensor
 from compt.checkpoint import StageCheckpointer, StageInterrupted, StopRequest
 from compt.clip.model import build_clip, export_name_and_tensor, load_into, preprocess_for, write_model_config
 from compt.config import ChainConfig
@@ -86,27 +86,35 @@ def init_student(model_cfg: dict, align_to_dim: int | None, seed: int, zero3_con
     return model
 
 
-def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, mode: str, zero3: bool) -> int:
-    """Initialise the student from the predecessor's safetensors, one tensor at a time.
+def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transfer, seed: int, zero3: bool) -> int:
+    """Initialise the student from the predecessor's safetensors (read lazily, tensor by tensor).
 
-    Under ZeRO-3 each student parameter is gathered, rank 0 writes the grown value and
-    DeepSpeed re-partitions it; without ZeRO-3 every rank applies the same rule.
+    Under ZeRO-3 every rank computes only its own partition of each grown parameter,
+    straight from the small tensor (``TensorPlan.flat_slice``): no full grown tensor is
+    ever gathered, and growth randomness is counter-based, so the result is the same
+    for any rank count. Without ZeRO-3 every rank computes the dense tensor.
     Returns the number of student tensors that received teacher weights.
     """
-    import deepspeed
-
-    rank, _ = _rank_world()
     changed = 0
     with open_lazy(prev.weights) as small:
         for name, p in model.named_parameters():
-            src = source_name(name, prev.model_cfg, model_cfg, mode)
-            if src is None or src not in small.keys():
+            plan = plan_tensor(name, prev.model_cfg, model_cfg, transfer.init, transfer.noise, seed)
+            if plan is None or any(src not in small for src in plan.sources):
                 continue
+            sources = {src: small.get(src) for src in plan.sources}
+            with torch.no_grad():
+                if zero3 and hasattr(p, "ds_tensor"):
+                    part = p.ds_tensor.data  # this rank's flat slice [start, start + size) of the padded tensor
+                    start = part.numel() * dist.get_rank()
+                    end = min(start + part.numel(), plan.numel)
+                    if end > start:
+                        local = part[: end - start]
+                        local.copy_(plan.flat_slice(sources, start, end,
+                                                    local.clone() if plan.needs_init() else None, dtype=local.dtype))
+                else:
+                    p.data.copy_(plan.dense(sources, p.data if plan.needs_init() else None,
+                                            dtype=p.dtype).reshape(p.shape))
             changed += 1
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
-                if rank == 0 or not zero3:
-                    with torch.no_grad():
-                        p.data.copy_(grow_tensor(name, p.data, small.get(src), mode))
     return changed
 
 
@@ -190,7 +198,8 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
                          ds_cfg if zero3 else None)
     grown = 0
     if prev is not None and transfer.init != "none" and not resuming:
-        grown = grow_into(model, prev, model_cfg, transfer.init, zero3)
+        seed = transfer.seed if transfer.seed is not None else cfg.seed + k
+        grown = grow_into(model, prev, model_cfg, transfer, seed, zero3)
     engine = build_engine(model, ds_cfg, settings.weight_decay)
     checkpointer = StageCheckpointer(engine, ckpt_dir, settings.checkpoint_every_steps, settings.checkpoint_minutes,
                                      settings.keep_checkpoints, rank)
@@ -214,7 +223,7 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
                           world=world, gas=engine.gradient_accumulation_steps(), seed=cfg.seed + k,
                           start_step=client["step"])
     curve = list(client["curve"])
-    _train_loop(engine, loader, ChainLoss(transfer.alpha if use_teacher else None, rank, world), teacher,
+    _train_loop(engine, loader, ChainLoss(transfer.alpha if use_teacher else None, rank, world, cfg.kernels), teacher,
                 steps=steps, start=client["step"], curve=curve, settings=settings, checkpointer=checkpointer,
                 client={"metrics": client["metrics"]}, label=f"stage {k} {stage.name}", rank=rank)
     train_seconds = time.time() - t0

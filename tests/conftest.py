@@ -29,7 +29,7 @@ TINY_CHAIN = {
         {"name": "b", "model": tiny_model(64, 1), "budget": {"steps": 8},
          "transfer": {"init": "official", "align": True, "alpha": 500}},
         {"name": "c", "model": tiny_model(64, 2), "budget": {"samples": 128},
-         "transfer": {"init": "official", "align": True, "alpha": 500}},
+         "transfer": {"init": "exact", "noise": 0.01, "align": True, "alpha": 500}},
     ],
 }
 

@@ -67,6 +67,10 @@ def test_run_directory_contract(runs):
         if k > 0:
             assert -1 <= m["init_cosine"]["image"] <= 1 and m["init_zeroshot_top1"] is not None
             assert m["grown_tensors"] > 0
+    # exact growth (stage c, depth 1 -> 2 with noise) starts where its teacher ended
+    b, c = _metrics(run_dir, 1, "b"), _metrics(run_dir, 2, "c")
+    assert c["init_zeroshot_top1"] == b["zeroshot_top1"]
+    assert min(c["init_cosine"].values()) > 0.9999
     assert "chain 'tiny' (2 rank(s))" in log
     assert (run_dir / "results.md").read_text().count("\n") == 5
 

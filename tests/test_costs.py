@@ -87,7 +87,9 @@ def test_table_output(capsys):
 
 
 def test_chain_yaml_counts_what_the_launcher_counts(tmp_path, capsys, chain_dict):
-    # The conftest chain: batch 32; a: 6 steps, b: 4 steps (aligns), c: 128 samples = 4 steps (aligns).
+    # Batch 32; a: 6 steps, b: 4 steps (aligns), c: 140 samples = 4 steps (does not align).
+    for stage, budget in zip(chain_dict["stages"], ({"steps": 6}, {"steps": 4}, {"samples": 140})):
+        stage["budget"] = budget
     chain_dict["stages"][2]["transfer"] = {"init": "official", "align": False}  # c pays no teacher forward
     path = write_chain(tmp_path / "chain.yaml", chain_dict)
     out = _flops_json(capsys, "--chain", str(path))
