@@ -63,4 +63,8 @@ def build_digits(cfg: DataConfig, split: str) -> DigitsDataset:
         random_state=cfg.split_seed, stratify=labels,
     )
     idx = np.sort(train_idx if split == "train" else val_idx)
+    if split != "train":
+        # One caption per class on validation: each distinct caption then names exactly one
+        # class, so image<->text retrieval measures something a model can learn.
+        caption_ids = np.zeros_like(caption_ids)
     return DigitsDataset(pixels[idx], labels[idx], caption_ids[idx], cfg.render_size, cfg.templates)
