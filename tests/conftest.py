@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
+
+# Property tests draw the same examples on every run: CI results do not depend on luck.
+settings.register_profile("compt", derandomize=True, deadline=None)
+settings.load_profile("compt")
 
 REPO = Path(__file__).resolve().parent.parent
 
