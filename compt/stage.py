@@ -68,18 +68,24 @@ def load_teacher(prev: StageResult) -> torch.nn.Module:
     return teacher
 
 
-def init_student(model_cfg: dict, align_to_dim: int | None, seed: int, zero3_config: dict | None):
+def init_student(model_cfg: dict, align_to_dim: int | None, seed: int, zero3_config: dict | None,
+                 init_needed: bool = True):
     """The student with open_clip's own initialisation, partitioned by ZeRO-3 when asked.
 
     Built in full and then handed to ``zero.Init(module=...)``: open_clip initialises
     nested modules (attention, text embeddings) after they are constructed, and a
     module constructed inside ``with zero.Init()`` is partitioned before those inits
     run, silently leaving PyTorch's defaults. The same seed on every rank gives the
-    same weights whatever the rank count.
+    same weights whatever the rank count. When every weight will be overwritten anyway
+    (exact growth, or a resumed checkpoint) ``init_needed=False`` builds straight into
+    ZeRO-3 partitions, so no rank ever holds the full model.
     """
     import deepspeed
 
     torch.manual_seed(seed)
+    if zero3_config is not None and not init_needed:
+        with deepspeed.zero.Init(config_dict_or_path=zero3_config):
+            return build_clip(model_cfg, align_to_dim=align_to_dim)
     model = build_clip(model_cfg, align_to_dim=align_to_dim)
     if zero3_config is not None:
         deepspeed.zero.Init(module=model, config_dict_or_path=zero3_config)
@@ -194,8 +200,9 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     # The student: open_clip init, ZeRO-3 partitioned, grown from the predecessor.
     use_teacher = prev is not None and transfer.align and transfer.alpha > 0
     teacher = load_teacher(prev) if use_teacher else None
+    overwritten = resuming or (prev is not None and transfer.init == "exact")
     model = init_student(model_cfg, prev.model_cfg["embed_dim"] if use_teacher else None, cfg.seed + k,
-                         ds_cfg if zero3 else None)
+                         ds_cfg if zero3 else None, init_needed=not overwritten)
     grown = 0
     if prev is not None and transfer.init != "none" and not resuming:
         seed = transfer.seed if transfer.seed is not None else cfg.seed + k
