@@ -120,7 +120,8 @@ class ChainConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     defaults: TrainSettings = Field(default_factory=TrainSettings)
     kernels: Literal["auto", "triton", "reference"] = Field(
-        "auto", description="alignment loss: auto = fused Triton kernel on a GPU, PyTorch reference otherwise")
+        "auto", description="growth expansion and alignment loss: auto = fused Triton kernels on a GPU, "
+                        "PyTorch reference otherwise")
     stages: list[StageConfig] = Field(min_length=1)
 
     def model_cfg(self, k: int) -> dict:
@@ -150,9 +151,20 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
     return out
 
 
+def _triton_runs() -> bool:
+    import os
+
+    import torch
+
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def chain_problems(cfg: ChainConfig) -> list[str]:
     """Problems a well-typed config can still have: models, sizes, transfer, data."""
     problems = list(cfg.data.problems())
+    if cfg.kernels == "triton" and not _triton_runs():
+        problems.append("kernels: 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret the kernels on CPU, "
+                        "slowly); use 'auto' to pick Triton where it runs and the PyTorch reference elsewhere")
     names = [s.name for s in cfg.stages]
     for n in {n for n in names if names.count(n) > 1}:
         problems.append(f"stages: name '{n}' is used twice; give every stage a unique name")

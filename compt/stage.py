@@ -25,6 +25,7 @@ from compt.engine import build_engine, stage_ds_config, zero_stage
 from compt.evaluate import embedding_cosine, evaluate
 from compt.flops import count_sample_flops
 from compt.loader import Batch, eval_loader, train_loader
+from compt.kernels import expand_flat_slice
 from compt.losses import ChainLoss
 from compt.report import plot_loss, write_loss_csv
 from compt.rundir import RunDir, write_json
@@ -92,13 +93,15 @@ def init_student(model_cfg: dict, align_to_dim: int | None, seed: int, zero3_con
     return model
 
 
-def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transfer, seed: int, zero3: bool) -> int:
+def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transfer, seed: int, zero3: bool,
+              backend: str = "auto") -> int:
     """Initialise the student from the predecessor's safetensors (read lazily, tensor by tensor).
 
     Under ZeRO-3 every rank computes only its own partition of each grown parameter,
     straight from the small tensor (``TensorPlan.flat_slice``): no full grown tensor is
     ever gathered, and growth randomness is counter-based, so the result is the same
-    for any rank count. Without ZeRO-3 every rank computes the dense tensor.
+    for any rank count. Without ZeRO-3 every rank computes the dense tensor. ``backend``
+    picks the fused Triton expansion kernel (auto: on a GPU) or the PyTorch reference.
     Returns the number of student tensors that received teacher weights.
     """
     changed = 0
@@ -107,17 +110,19 @@ def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transf
             plan = plan_tensor(name, prev.model_cfg, model_cfg, transfer.init, transfer.noise, seed)
             if plan is None or any(src not in small for src in plan.sources):
                 continue
-            sources = {src: small.get(src) for src in plan.sources}
             with torch.no_grad():
                 if zero3 and hasattr(p, "ds_tensor"):
                     part = p.ds_tensor.data  # this rank's flat slice [start, start + size) of the padded tensor
+                    sources = {src: small.get(src).to(part.device) for src in plan.sources}
                     start = part.numel() * dist.get_rank()
                     end = min(start + part.numel(), plan.numel)
                     if end > start:
                         local = part[: end - start]
-                        local.copy_(plan.flat_slice(sources, start, end,
-                                                    local.clone() if plan.needs_init() else None, dtype=local.dtype))
+                        local.copy_(expand_flat_slice(plan, sources, start, end,
+                                                      local.clone() if plan.needs_init() else None,
+                                                      dtype=local.dtype, backend=backend))
                 else:
+                    sources = {src: small.get(src) for src in plan.sources}
                     p.data.copy_(plan.dense(sources, p.data if plan.needs_init() else None,
                                             dtype=p.dtype).reshape(p.shape))
             changed += 1
@@ -206,7 +211,7 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     grown = 0
     if prev is not None and transfer.init != "none" and not resuming:
         seed = transfer.seed if transfer.seed is not None else cfg.seed + k
-        grown = grow_into(model, prev, model_cfg, transfer, seed, zero3)
+        grown = grow_into(model, prev, model_cfg, transfer, seed, zero3, cfg.kernels)
     engine = build_engine(model, ds_cfg, settings.weight_decay)
     checkpointer = StageCheckpointer(engine, ckpt_dir, settings.checkpoint_every_steps, settings.checkpoint_minutes,
                                      settings.keep_checkpoints, rank)

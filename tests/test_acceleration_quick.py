@@ -95,3 +95,78 @@ def test_generated_chains_are_plain_launcher_configs(bench):
         assert "launch/chain.py" in run["command"] and "ds_configs/zero3.json" in run["command"]
         manifest = json.loads((REPO / run["run_dir"] / "manifest.json").read_text())
         assert [s["status"] for s in manifest["stages"]] == ["done"] * len(run["models"])
+
+
+# --- the full mode's studies, on synthetic run records (no training) ---------------------
+
+def _load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("acceleration", REPO / "benchmarks" / "acceleration.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def _synthetic_runs(bench_mod, setup, exact: bool) -> list[dict]:
+    cost = {"xs": 1.0, "s": 2.0, "m": 3.0, "l": 6.0}  # per-sample train cost; a forward is a third
+    quality = {"xs": 0.5, "s": 0.6, "m": 0.7, "l": 0.65}
+    runs, retrained = [], set()
+    for spec in bench_mod.plan(setup, exact):
+        stages = []
+        for k, name in enumerate(spec.models):
+            base = spec.transfer is None or k == 0
+            steps = setup.baseline_steps if base else setup.steps(spec.fraction)
+            teacher = 0.0 if base or not spec.transfer["align"] else cost[spec.models[k - 1]] / 3
+            top1 = quality[name] if base else quality[name] * min(1.0, 0.6 + spec.fraction
+                                                                   + 0.1 * (spec.transfer["init"] == "exact"))
+            flops = steps * setup.batch_size * (cost[name] + teacher) * 1e9
+            stages.append({"name": name, "steps": steps, "samples_seen": steps * setup.batch_size,
+                           "zeroshot_top1": top1 + 0.01 * spec.seed, "zeroshot_top5": 0.9, "i2t_R@1": top1 / 2,
+                           "t2i_R@1": top1 / 3, "init_zeroshot_top1": None if k == 0 else 0.1, "flops": flops,
+                           "student_flops": flops, "teacher_flops": 0, "wall_seconds": flops / 1e11,
+                           "train_seconds": flops / 1.2e11, "params": 1, "sha256": f"first-{spec.seed}"
+                           if k == 0 else spec.id})
+        reused = spec.transfer is not None and spec.seed in retrained
+        if spec.transfer is not None:
+            retrained.add(spec.seed)
+        runs.append({"id": spec.id, "method": spec.method, "models": spec.models, "seed": spec.seed,
+                     "fraction": spec.fraction, "transfer": spec.transfer, "studies": sorted(spec.studies),
+                     "first_stage_reused": reused, "finished_in_an_earlier_invocation": False, "stages": stages})
+    return runs
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_full_mode_studies_render(tmp_path, exact):
+    bench_mod = _load_benchmark()
+    setup = bench_mod.FULL
+    runs = _synthetic_runs(bench_mod, setup, exact)
+    summary = bench_mod.summarize(setup, runs, exact)
+    methods = ["official"] + (["exact"] if exact else [])
+    assert list(summary["main"]) == ["baseline", *methods]
+    assert summary["main"]["baseline"]["seeds"] == [0, 1, 2]
+    official = summary["main"]["official"]
+    assert official["seeds"] == [0, 1, 2] and official["acceleration_flops"] > 1
+    # compute to reach: the smallest searched fraction whose top-1 matches (synthetic: 0.6 + f >= 1 at f = 0.5)
+    reach = {r["model"]: r for r in summary["compute_to_reach"]["official"]}
+    assert reach["m"]["searched_fractions"] == [0.125, 0.25, 0.5] and reach["m"]["reached_at_fraction"] == 0.5
+    if exact:
+        assert summary["compute_to_reach"]["exact"][0]["reached_at_fraction"] == 0.5
+    lengths = [(r["method"], r["length"]) for r in summary["chain_length"]]
+    assert lengths == [(m, n) for m in methods for n in (2, 3, 4)]
+    variants = [r["method"] for r in summary["ablation"]]
+    assert variants == [v for v in bench_mod.ABLATION_LABELS if exact or "exact" not in v]
+    assert all(c["identical_weights"] for c in summary["first_stage_reuse_check"])
+    result = {"name": "synthetic", "mode": "full", "command": "python benchmarks/acceleration.py",
+              "machine": {"platform": "p", "cpu_count": 2, "cpus_usable": 2, "torch": "t", "torch_threads": 2,
+                          "deepspeed": "d", "open_clip_torch": "o"},
+              "loadavg_start": [0, 0, 0], "loadavg_end": [0, 0, 0], "seconds": 1.0, "stage_seconds": 1.0,
+              "setup": {"seeds": 3, "main": setup.main, "chain_fraction": setup.chain_fraction},
+              "summary": summary, "runs": runs, "notes": ["n"]}
+    md = bench_mod.markdown(result)
+    for heading in ("## Main comparison", "## Compute to reach", "## Chain length", "## Ablation", "## Notes"):
+        assert heading in md
+    assert "parameter space only (official init)" in md and "xs → s → m → l" in md
+    bench_mod.plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000

@@ -65,6 +65,13 @@ def test_transfer_on_first_stage_and_patch_mismatch(tmp_path, chain_dict):
     assert "stages.1.model: patch_size 4 differs" in text
 
 
+def test_triton_kernels_need_a_gpu_or_the_interpreter(tmp_path, chain_dict, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    chain_dict["kernels"] = "triton"
+    text = "\n".join(problems_of(tmp_path, chain_dict))
+    assert "kernels: 'triton' needs a CUDA GPU" in text
+
+
 def test_same_size_stage_is_rejected(tmp_path, chain_dict):
     chain_dict["stages"][1]["model"] = tiny_model(32, 1)
     text = "\n".join(problems_of(tmp_path, chain_dict))

@@ -73,7 +73,10 @@ def test_examples_show_and_name_the_number(splits):
             assert pixels[:, :16].max() > 100 and pixels[:, 16:].max() > 100  # ink in both halves
     captions = {train[i].caption.replace(train.classnames[train[i].label], "{w}").replace(
         str(int(train.items[i, 0])), "{n}") for i in range(300)}
-    assert len(captions) >= 5  # several caption templates in use
+    assert len(captions) >= 5  # several caption templates in use in training
+    # validation: one caption per number, so every distinct caption names exactly one class
+    assert {val[i].caption for i in range(len(val))} == {
+        f"an image of the handwritten number {w} ({n})." for n, w in zip(range(10, 100), CLASSNAMES)}
     assert build_dataset(DataConfig(kind="digit-numbers", render_size=48), "val")[0].image.size == (48, 48)
 
 

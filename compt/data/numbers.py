@@ -12,7 +12,9 @@ How it is built (deterministic from data.split_seed, independent of the rank cou
   compositional part (the held-out 10%) that memorising pairs cannot solve.
 - A sample puts a tens digit and a units digit side by side on a 16x16 canvas, each
   with its own vertical jitter, rendered to data.render_size; its caption names the
-  number in words and/or figures ("a photo of the number forty-two.").
+  number in words and/or figures ("a photo of the number forty-two."). Training captions
+  vary over several templates; validation uses one caption per number ("an image of the
+  handwritten number forty-two (42)."), so image<->text retrieval is learnable.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ CAPTIONS = [
     "the digits {tens} and {units} side by side: {word}.",
     "{word}, two handwritten digits.",
 ]
+
+VAL_CAPTION = 3  # the one validation caption: names the number in words and figures
 
 ZERO_SHOT_TEMPLATES = [
     "a photo of the number {}.",
@@ -121,7 +125,7 @@ def build_digit_numbers(cfg: DataConfig, split: str) -> DigitNumbersDataset:
             rng.choice(by_digit[units], per_class),
             rng.randint(-MAX_JITTER, MAX_JITTER + 1, per_class),
             rng.randint(-MAX_JITTER, MAX_JITTER + 1, per_class),
-            rng.randint(len(CAPTIONS), size=per_class),
+            rng.randint(len(CAPTIONS), size=per_class) if split == "train" else np.full(per_class, VAL_CAPTION),
         ], axis=1))
     items = np.concatenate(items).astype(np.int64)
     items = items[rng.permutation(len(items))]
