@@ -1,0 +1,184 @@
+"""Training throughput: one chain stage through compt's DeepSpeed path (ZeRO-3, 1 rank)
+vs a plain PyTorch loop (same model, batches, AdamW, clipping), in one process.
+
+    python benchmarks/throughput.py [--model demo-base|ViT-B-16] [--batch 64] [--steps 30] [--zero 3]
+
+Data loading is excluded on both sides (batches are built once), so the ratio measures
+the engine's overhead. Writes benchmarks/results/throughput-<device>.json and .md.
+On a CUDA device it runs bf16 autocast on both sides and reports images/s and model
+FLOPs utilisation (MFU) against the device's measured bf16 matmul peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_BASE = {"embed_dim": 64,
+             "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
+
+
+def _batches(model_cfg: dict, batch: int, n: int, device):
+    from compt.clip.model import preprocess_for
+    from compt.data import DataConfig, build_dataset
+    from compt.loader import train_loader
+
+    v = model_cfg["vision_cfg"]
+    ds = build_dataset(DataConfig(kind="digits", render_size=min(v["image_size"], 64)), "train")
+    pre = preprocess_for(model_cfg)
+    loader = train_loader(ds, pre, None, global_batch=batch, steps=min(n, len(ds) // batch), rank=0, world=1,
+                          gas=1, seed=0)
+    out = [(b.images.to(device), b.texts.to(device)) for b in loader]
+    return [out[i % len(out)] for i in range(n)]
+
+
+def _time_steps(step, batches, warmup: int, device) -> float:
+    for b in batches[:warmup]:
+        step(*b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches[warmup:]:
+        step(*b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_deepspeed(model_cfg, batches, args, device) -> float:
+    from compt.config import TrainSettings
+    from compt.engine import build_engine, read_ds_config, stage_ds_config
+    from compt.losses import ChainLoss
+    from compt.stage import init_student
+
+    settings = TrainSettings(batch_size=args.batch, warmup_steps=5)
+    base = read_ds_config(args.ds_config or REPO / "ds_configs" / f"zero{args.zero}.json")
+    if device.type == "cuda":
+        base["bf16"] = {"enabled": True}
+    ds_cfg = stage_ds_config(base, settings, total_steps=len(batches), world_size=1)
+    zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
+    model = init_student(model_cfg, None, 0, ds_cfg if zero3 else None)
+    engine = build_engine(model if zero3 else model.to(device), ds_cfg, settings.weight_decay)
+    loss_fn = ChainLoss(None)
+
+    def step(images, texts):
+        if device.type == "cuda":
+            images = images.to(torch.bfloat16)
+        loss = loss_fn(engine(images, texts)).total
+        engine.backward(loss)
+        engine.step()
+
+    try:
+        return _time_steps(step, batches, args.warmup, device)
+    finally:
+        engine.destroy() if hasattr(engine, "destroy") else None
+
+
+def run_plain(model_cfg, batches, args, device) -> float:
+    from compt.clip.model import build_clip
+    from compt.config import TrainSettings
+    from compt.engine import param_groups
+    from compt.losses import ChainLoss
+
+    s = TrainSettings(batch_size=args.batch, warmup_steps=5)
+    torch.manual_seed(0)
+    model = build_clip(model_cfg).to(device)
+    opt = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, eps=s.eps)
+    total = len(batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # the same warmup + cosine as compt's DeepSpeed config
+        opt, lambda i: min(1.0, (i + 1) / 5) * 0.5 * (1 + math.cos(math.pi * i / total)))
+    loss_fn = ChainLoss(None)
+
+    def step(images, texts):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(model(images, texts)).total
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+
+    return _time_steps(step, batches, args.warmup, device)
+
+
+def matmul_peak_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo-base", help="demo-base or an open_clip model name (e.g. ViT-B-16)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per side (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--zero", type=int, choices=[2, 3], default=3)
+    ap.add_argument("--ds_config", default=None, help="DeepSpeed config (default: ds_configs/zero<--zero>.json)")
+    ap.add_argument("--repeats", type=int, default=2, help="alternate the two sides this many times")
+    args = ap.parse_args()
+
+    import deepspeed
+    import open_clip
+
+    from compt.flops import count_sample_flops
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29560")
+    deepspeed.init_distributed()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_cfg = DEMO_BASE if args.model == "demo-base" else open_clip.get_model_config(args.model)
+    batches = _batches(model_cfg, args.batch, args.warmup + args.steps, device)
+
+    times = {"deepspeed": [], "plain": []}
+    for _ in range(args.repeats):  # alternate, so machine noise hits both sides alike
+        times["plain"].append(run_plain(model_cfg, batches, args, device))
+        times["deepspeed"].append(run_deepspeed(model_cfg, batches, args, device))
+    sps = {k: args.steps * args.batch / min(v) for k, v in times.items()}
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "deepspeed": deepspeed.__version__},
+        "command": " ".join([sys.executable, *sys.argv]),
+        "model": args.model, "batch": args.batch, "timed_steps": args.steps, "zero_stage": args.zero,
+        "seconds": times, "samples_per_s": sps, "ratio_deepspeed_over_plain": sps["deepspeed"] / sps["plain"],
+    }
+    peak = matmul_peak_tflops(device)
+    if peak:
+        train_flops = count_sample_flops(model_cfg).train
+        result["matmul_peak_tflops_bf16"] = peak
+        result["mfu"] = {k: v * train_flops / 1e12 / peak for k, v in sps.items()}
+    label = "cuda-" + torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda" else f"cpu{os.cpu_count()}"
+    out = REPO / "benchmarks" / "results" / f"throughput-{label}-{args.model}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [f"# Throughput: {args.model}, batch {args.batch}, ZeRO-{args.zero}, {result['device']}", "",
+          f"Command: `{result['command']}`", "", "| path | samples/s |" + (" MFU |" if peak else ""),
+          "|---|---|" + ("---|" if peak else "")]
+    for k, v in sps.items():
+        md.append(f"| {k} | {v:.1f} |" + (f" {100 * result['mfu'][k]:.1f}% |" if peak else ""))
+    md += ["", f"DeepSpeed / plain: {result['ratio_deepspeed_over_plain']:.3f} (best of {args.repeats} alternating runs)"]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
