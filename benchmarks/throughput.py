@@ -166,10 +166,12 @@ def main() -> int:
         result["matmul_peak_tflops_bf16"] = peak
         result["mfu"] = {k: v * train_flops / 1e12 / peak for k, v in sps.items()}
     label = "cuda-" + torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda" else f"cpu{os.cpu_count()}"
-    out = REPO / "benchmarks" / "results" / f"throughput-{label}-{args.model}"
+    config_name = Path(args.ds_config).stem if args.ds_config else f"zero{args.zero}"
+    result["ds_config"] = config_name
+    out = REPO / "benchmarks" / "results" / f"throughput-{label}-{args.model}-{config_name}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# Throughput: {args.model}, batch {args.batch}, ZeRO-{args.zero}, {result['device']}", "",
+    md = [f"# Throughput: {args.model}, batch {args.batch}, DeepSpeed config {config_name}, {result['device']}", "",
           f"Command: `{result['command']}`", "", "| path | samples/s |" + (" MFU |" if peak else ""),
           "|---|---|" + ("---|" if peak else "")]
     for k, v in sps.items():
