@@ -40,6 +40,17 @@ TINY_CHAIN = {
 
 
 @pytest.fixture
+def one_thread():
+    """Growth and kernel tests: on a 2-core machine intra-op threads only contend with each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def chain_dict() -> dict:
     return copy.deepcopy(TINY_CHAIN)
 

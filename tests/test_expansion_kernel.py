@@ -20,13 +20,7 @@ from compt.kernels import expand_flat_slice, expansion_triton, prepare_expansion
 SEED = 11
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The shared test machine has 2 cores; intra-op threads only contend with each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clip_cfg(width, layers=1, embed=32, ctx=12, vocab=100, text_width=None, text_layers=None):

@@ -24,12 +24,7 @@ SMALL = clip_cfg()
 LARGE = clip_cfg(vw=64, vl=2, tw=64, th=4, tl=2, embed=24, ctx=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

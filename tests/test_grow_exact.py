@@ -21,13 +21,7 @@ HYPOTHESIS = settings(deadline=None, max_examples=30, derandomize=True,
                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The shared test machine has 2 cores; intra-op threads only contend with each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clip_cfg(vw=32, vhw=16, vl=2, tw=32, th=2, tl=2, embed=16, image=16, ctx=8, vocab=100, vmlp=4.0, tmlp=4.0,
