@@ -83,8 +83,10 @@ def worker_sharded(small_path: str, mode: str) -> dict | None:
     local = sum(p.ds_tensor.numel() for p in model.parameters())
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, {"peak_mb": _peak_mb(), "peak_mb_before": base, "local_elements": local})
-    torch.distributed.barrier()
-    return {"seconds": seconds, "per_rank": peaks} if dist.get_rank() == 0 else None
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()  # a clean exit: live gloo threads can abort the process otherwise
+    return {"seconds": seconds, "per_rank": peaks} if rank == 0 else None
 
 
 # ---------------------------------------------------------------- growth quality on a finished run

@@ -95,5 +95,17 @@ def main() -> int:
     return 0
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly: live gloo/shm threads can abort the exit otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        shutdown()
+    sys.exit(code)

@@ -27,3 +27,5 @@ for mode in modes.split(","):
                for p in model.parameters() if p.ds_numel > 64)
     grow_into(model, prev, big_cfg, Transfer(init=mode, noise=0.05), seed=3, zero3=True)
     save_zero3_module(model, f"{out}-{mode}.safetensors", rename=export_name_and_tensor)
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # a clean exit: live gloo threads abort the process otherwise
