@@ -69,8 +69,9 @@ class StageCheckpointer:
         try:
             path, client = self.engine.load_checkpoint(str(self.dir), tag=tag)
         except Exception as e:  # noqa: BLE001 - name the checkpoint, keep the cause
-            raise RuntimeError(f"cannot resume from checkpoint {self.dir / tag}: {e}; delete that folder to "
-                               f"fall back to an older checkpoint or to restart the stage") from e
+            raise RuntimeError(f"cannot resume from checkpoint {self.dir / tag}: {e}; write an older tag "
+                               f"(one of the step* folders in {self.dir}) into {self.dir / 'latest'}, or delete "
+                               f"{self.dir} to restart the stage") from e
         if path is None:
             raise RuntimeError(f"checkpoint {self.dir / tag} could not be loaded")
         return client
