@@ -42,21 +42,26 @@ class RunDir:
             return None
         return json.loads(self.manifest_path.read_text())
 
+    def conflict(self, cfg: ChainConfig, ds_config: dict) -> str | None:
+        """Why this run directory cannot take ``cfg`` (read-only, so every rank can ask)."""
+        old = self.read_manifest()
+        if old is not None and (old.get("config") != cfg.model_dump(mode="json") or old.get("ds_config") != ds_config):
+            return (f"--output {self.root} holds a run of a different chain config; "
+                    "pick a new --output directory (or delete the old run)")
+        return None
+
     def open(self, cfg: ChainConfig, ds_config: dict) -> dict:
         """Create the manifest, or reuse an existing one for the *same* resolved config."""
-        resolved = cfg.model_dump(mode="json")
+        problem = self.conflict(cfg, ds_config)
+        if problem:
+            raise ValueError(problem)
         old = self.read_manifest()
         if old is not None:
-            if old.get("config") != resolved or old.get("ds_config") != ds_config:
-                raise ValueError(
-                    f"--output {self.root} holds a run of a different chain config; "
-                    "pick a new --output directory (or delete the old run)"
-                )
             return old
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = {
             "chain": cfg.name,
-            "config": resolved,
+            "config": cfg.model_dump(mode="json"),
             "ds_config": ds_config,
             "stages": [
                 {"index": k, "name": s.name, "status": "pending", "dir": str(self.stage_dir(k, s.name).relative_to(self.root)),

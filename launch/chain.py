@@ -53,15 +53,16 @@ def main() -> int:
         print(e, file=sys.stderr)
         return 2
     ds_base = read_ds_config(args.ds_config)
+    run = RunDir(args.output or Path("runs") / cfg.name)
+    problem = run.conflict(cfg, ds_base)  # every rank checks, so no rank waits for one that quit
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     rank, world = init_distributed()
 
     # 2. The run directory (rank 0 creates it; an existing run of the same config is resumed).
-    run = RunDir(args.output or Path("runs") / cfg.name)
-    try:
-        run.open(cfg, ds_base) if rank == 0 else None
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if rank == 0:
+        run.open(cfg, ds_base)
     import torch.distributed as dist
     dist.barrier()
 

@@ -181,3 +181,14 @@ def test_sigkill_mid_stage_then_resume_is_bit_identical(runs, tmp_path):
         assert not (run_dir / "stages" / f"{k}-{name}" / "checkpoints").exists()
     curve = (run_dir / "stages" / "1-b" / "loss.csv").read_text()
     assert curve == (reference / "stages" / "1-b" / "loss.csv").read_text()
+
+
+def test_changed_config_on_existing_run_is_refused(runs, chain_dict, tmp_path):
+    run_dir, _ = runs[1]
+    chain_dict["defaults"]["lr"] = 1.0e-3
+    path = write_chain(tmp_path / "changed.yaml", chain_dict)
+    before = (run_dir / "manifest.json").read_text()
+    proc = subprocess.run([sys.executable, "launch/chain.py", "--chain", str(path), "--ds_config", DS,
+                           "--output", str(run_dir)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "holds a run of a different chain config" in proc.stderr
+    assert (run_dir / "manifest.json").read_text() == before
