@@ -6,7 +6,6 @@ of stages. ``load_chain`` turns a YAML file or a built-in preset into a ChainCon
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -132,12 +131,6 @@ class ChainConfig(_Strict):
         if k == 0:
             return None
         return self.stages[k].transfer or Transfer()
-
-
-@dataclass
-class LoadedChain:
-    config: ChainConfig
-    source: str
 
 
 def _pydantic_problems(err: ValidationError) -> list[str]:

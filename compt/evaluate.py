@@ -79,9 +79,7 @@ def evaluate(model, val_ds, pre: Preprocess, batch_size: int = 256, zeroshot: bo
 @torch.no_grad()
 def embedding_cosine(student, teacher, batch) -> dict[str, float]:
     """Mean cosine similarity between student and teacher embeddings on one batch."""
-    s, t = student(batch.images, batch.texts), teacher(
-        batch.teacher_images if batch.teacher_images is not None else batch.images,
-        batch.teacher_texts if batch.teacher_texts is not None else batch.texts)
+    s, t = student(batch.images, batch.texts), teacher(*batch.teacher_inputs())
     s_img, s_txt = (s[3], s[4]) if len(s) >= 5 else (s[0], s[1])
     return {
         "image": F.cosine_similarity(s_img.float(), t[0].float(), dim=-1).mean().item(),

@@ -22,6 +22,11 @@ class Batch:
     captions: list[str] | None = None
     labels: torch.Tensor | None = None
 
+    def teacher_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the teacher reads: its own tensors when its preprocessing differs, else the student's."""
+        return (self.teacher_images if self.teacher_images is not None else self.images,
+                self.teacher_texts if self.teacher_texts is not None else self.texts)
+
 
 class GlobalBatchSampler:
     """Yields this rank's index list for every micro-step; ``step`` global steps in total."""

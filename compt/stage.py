@@ -131,8 +131,7 @@ def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transf
 
 def _teacher_out(teacher, batch: Batch):
     with torch.no_grad():
-        return teacher(batch.teacher_images if batch.teacher_images is not None else batch.images,
-                       batch.teacher_texts if batch.teacher_texts is not None else batch.texts)
+        return teacher(*batch.teacher_inputs())
 
 
 def _init_metrics(engine, prev: StageResult, teacher, pre, val_ds, cfg: ChainConfig) -> dict[str, Any]:

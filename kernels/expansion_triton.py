@@ -39,7 +39,6 @@ import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
-import numpy as np
 import torch
 
 from compt.clip.growth_plan import (

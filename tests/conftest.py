@@ -50,6 +50,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def run_fresh_triton(script: str) -> None:
+    """Run a kernel check in a fresh process without TRITON_INTERPRET (it is set late, inside the
+    script): it must print 'late interpret: ok'; skips when there is no compiler for the GPU check."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "late interpret: ok" in done.stdout
+    if "compile: skipped" in done.stdout:
+        pytest.skip(done.stdout)
+
+
 @pytest.fixture
 def chain_dict() -> dict:
     return copy.deepcopy(TINY_CHAIN)

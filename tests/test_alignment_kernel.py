@@ -10,8 +10,6 @@ import os
 # too (test_gpu_compile_and_interpreter_set_after_triton_import checks that).
 os.environ["TRITON_INTERPRET"] = "1"
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from hypothesis import strategies as st
 
 from compt.kernels import NonFiniteInputError, feature_alignment_loss, feature_alignment_loss_reference
 from compt.kernels import alignment_triton
+from conftest import run_fresh_triton
 
 ALPHA = 500.0
 FP32_TOL = 1e-5
@@ -272,10 +271,4 @@ def test_gpu_compile_and_interpreter_set_after_triton_import():
     # Compiling checks what the lenient interpreter does not (types across the
     # image/text branch, no host-only ops); the late variable mimics another test
     # module (or deepspeed) importing triton first.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", GPU_COMPILE_AND_LATE_INTERPRET], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "late interpret: ok" in done.stdout
-    if "compile: skipped" in done.stdout:
-        pytest.skip(done.stdout)
+    run_fresh_triton(GPU_COMPILE_AND_LATE_INTERPRET)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from compt.clip.grow import plan_tensor, state_shapes
 from compt.kernels import expand_flat_slice, expansion_triton, prepare_expansion
+from conftest import run_fresh_triton
 
 SEED = 11
 
@@ -300,13 +301,4 @@ def test_gpu_compile_and_interpreter_set_after_triton_import():
     # A fresh process: this one imported triton under TRITON_INTERPRET=1. Compiling checks
     # what the lenient interpreter does not (types, no host-only ops) and what bit-identity
     # on a GPU rests on: no FMA contraction, IEEE float64 division and square root.
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", GPU_COMPILE_AND_LATE_INTERPRET], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "late interpret: ok" in done.stdout
-    if "compile: skipped" in done.stdout:
-        pytest.skip(done.stdout)
+    run_fresh_triton(GPU_COMPILE_AND_LATE_INTERPRET)
