@@ -1,14 +1,23 @@
 """Mid-stage DeepSpeed checkpoints: save every N steps / minutes, keep the last K,
-resume from the latest, and save before exiting on SIGTERM/SIGINT.
+resume from the newest good one, and save before exiting on SIGTERM/SIGINT.
 
 The checkpoint holds DeepSpeed's model, optimizer and LR-schedule state; compt adds the
-step count, the loss curve so far and the step-0 metrics as client state. The data
-position needs nothing more: batches are a pure function of (seed, step).
+step count, the loss curve so far, the bad-data counters and the step-0 metrics as
+client state. The data position needs nothing more: batches are a pure function of
+(seed, step).
+
+A checkpoint is *complete* once ``<tag>/compt-sha256.json`` (the sha256 of every file
+in the tag, hashed by the ranks in parallel) exists; only then does ``latest`` point at
+it. Resume verifies the hashes before loading and falls back to older complete tags
+when the newest one is corrupt or cannot be loaded. DeepSpeed's files are loaded with
+``torch.load(weights_only=True)``, allowing only the few DeepSpeed types they hold.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,17 +25,70 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from compt.rundir import atomic_write_text
+from compt.weights import sha256_file
+
+HASHES = "compt-sha256.json"
+
 
 class StageInterrupted(RuntimeError):
     """A stage stopped on SIGTERM/SIGINT after saving a checkpoint."""
 
 
-def _any_rank(*flags: bool) -> list[bool]:
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or no checkpoint of a stage could be loaded."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def any_rank(*flags: bool) -> list[bool]:
     """Each flag true on every rank if it is true on any rank (keeps collective decisions in step)."""
     t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def _my_share(files: list[Path]) -> list[Path]:
+    rank, world = _rank_world()
+    return files[rank::world]
+
+
+def _safe_globals() -> list[type]:
+    """The non-tensor types DeepSpeed pickles into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make the engine's checkpoint engine load with ``weights_only=True`` (no arbitrary pickles)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if type(ce) is not TorchCheckpointEngine:
+        return  # a user-chosen engine (fast/decoupled writers) keeps its own loader
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ce.load = load
 
 
 class StopRequest:
@@ -51,45 +113,121 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def _warn(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class StageCheckpointer:
     def __init__(self, engine, directory: Path, every_steps: int, every_minutes: float, keep: int, rank: int):
         self.engine, self.dir, self.every_steps, self.every_minutes = engine, directory, every_steps, every_minutes
         self.keep, self.rank = keep, rank
         self._last = time.monotonic()
+        if engine is not None:
+            use_weights_only_loading(engine)
 
+    # -- what is on disk ---------------------------------------------------------------
     @staticmethod
-    def exists(directory: Path) -> bool:
-        return (directory / "latest").is_file()
+    def complete_tags(directory: Path) -> list[str]:
+        """Tags whose hash list was written (newest first); the one ``latest`` names comes first."""
+        tags = sorted((p.name for p in directory.glob("step*") if (p / HASHES).is_file()), reverse=True)
+        latest = directory / "latest"
+        if latest.is_file():
+            named = latest.read_text().strip()
+            if named in tags:
+                tags.remove(named)
+                tags.insert(0, named)
+        return tags
 
-    def resume(self) -> dict[str, Any] | None:
-        """Load the latest checkpoint into the engine; its client state, or None to start fresh."""
-        if not self.exists(self.dir):
-            return None
-        tag = (self.dir / "latest").read_text().strip()
+    @classmethod
+    def exists(cls, directory: Path) -> bool:
+        return directory.is_dir() and bool(cls.complete_tags(directory))
+
+    def _files(self, tag: str) -> list[Path]:
+        root = self.dir / tag
+        return sorted(p for p in root.rglob("*") if p.is_file() and p.name != HASHES)
+
+    def verify(self, tag: str) -> str | None:
+        """Why ``tag`` cannot be trusted (missing/changed/extra files), checked by all ranks in parallel."""
+        root = self.dir / tag
         try:
-            path, client = self.engine.load_checkpoint(str(self.dir), tag=tag)
-        except Exception as e:  # noqa: BLE001 - name the checkpoint, keep the cause
-            raise RuntimeError(f"cannot resume from checkpoint {self.dir / tag}: {e}; write an older tag "
-                               f"(one of the step* folders in {self.dir}) into {self.dir / 'latest'}, or delete "
-                               f"{self.dir} to restart the stage") from e
-        if path is None:
-            raise RuntimeError(f"checkpoint {self.dir / tag} could not be loaded")
-        return client
+            want = json.loads((root / HASHES).read_text())
+        except (OSError, ValueError) as e:
+            return f"{root / HASHES} is unreadable ({e})"
+        problems = []
+        names = sorted(want)
+        for name in _my_share(names):
+            path = root / name
+            if not path.is_file():
+                problems.append(f"{path} is missing")
+            elif sha256_file(path) != want[name]:
+                problems.append(f"{path} does not match its sha256 (truncated or corrupt)")
+        return "; ".join(sum(_gather(problems), [])) or None
 
+    # -- resume --------------------------------------------------------------------------
+    def resume(self) -> dict[str, Any] | None:
+        """Load the newest good checkpoint into the engine; its client state, or None when there is none.
+
+        Corrupt or unloadable checkpoints are reported and skipped in favour of older ones.
+        """
+        failures = []
+        for tag in self.complete_tags(self.dir):
+            problem = self.verify(tag)
+            if problem is None:
+                try:
+                    path, client = self.engine.load_checkpoint(str(self.dir), tag=tag)
+                    problem = None if path is not None else "DeepSpeed found nothing to load"
+                except Exception as e:  # noqa: BLE001 - reported, then the next older tag is tried
+                    problem = f"loading failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+            if any_rank(problem is not None)[0]:
+                failures.append(f"{self.dir / tag}: {problem or 'failed on another rank'}")
+                _warn(self.rank, f"checkpoint {self.dir / tag} is unusable ({problem}); trying an older one")
+                continue
+            if failures:
+                _warn(self.rank, f"resumed from the older checkpoint {self.dir / tag}")
+            return client
+        if failures:
+            raise CheckpointError("no usable checkpoint in " + str(self.dir) + ":\n  " + "\n  ".join(failures)
+                                  + f"\ndelete {self.dir} to restart the stage from its beginning")
+        return None
+
+    # -- save ----------------------------------------------------------------------------
     def poll(self, step: int, total: int, stop: StopRequest) -> tuple[bool, bool]:
         """(stop now, checkpoint now), agreed by all ranks in one collective."""
         by_steps = self.every_steps > 0 and step % self.every_steps == 0 and step < total
         by_time = self.every_minutes > 0 and (time.monotonic() - self._last) >= 60 * self.every_minutes
-        stopping, due = _any_rank(stop.signum is not None, by_steps or by_time)
+        stopping, due = any_rank(stop.signum is not None, by_steps or by_time)
         return stopping, stopping or due
 
     def save(self, step: int, client_state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(str(self.dir), tag=f"step{step:08d}", client_state=client_state)
+        """Write tag ``step<N>``, hash it, then point ``latest`` at it and drop tags beyond ``keep``.
+
+        A failure (disk full, quota) removes the partial tag and raises CheckpointError; the
+        previous checkpoint and ``latest`` are untouched.
+        """
+        tag = f"step{step:08d}"
+        previous = self.complete_tags(self.dir) if self.dir.is_dir() else []
+        try:
+            self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+            share = {str(p.relative_to(self.dir / tag)): sha256_file(p) for p in _my_share(self._files(tag))}
+            hashes = {k: v for part in _gather(share) for k, v in part.items()}
+            if self.rank == 0:
+                atomic_write_text(self.dir / tag / HASHES, json.dumps(hashes, indent=1, sort_keys=True))
+                atomic_write_text(self.dir / "latest", tag)
+        except Exception as e:
+            if self.rank == 0:
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+            kept = f"the previous checkpoint {self.dir / previous[0]} is intact" if previous else "no earlier checkpoint"
+            free = shutil.disk_usage(self.dir).free / 2**30 if self.dir.exists() else float("nan")
+            raise CheckpointError(f"could not write checkpoint {self.dir / tag}: {type(e).__name__}: {e}; {kept}. "
+                                  f"{free:.1f} GiB are free there: free disk space (or raise the quota or file-size "
+                                  "limit) and run the same command again to resume") from e
         self._last = time.monotonic()
         if self.rank == 0:
-            tags = sorted(p for p in self.dir.glob("step*") if p.is_dir())
-            for old in tags[:-self.keep] if self.keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+            keep = set(self.complete_tags(self.dir)[: self.keep])
+            for old in self.dir.glob("step*"):
+                if old.is_dir() and old.name not in keep:
+                    shutil.rmtree(old, ignore_errors=True)  # older tags and partial saves of a crashed run
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 

@@ -85,6 +85,7 @@ class TrainSettings(_Strict):
     checkpoint_every_steps: int = Field(0, ge=0, description="mid-stage checkpoint every N steps (0 = off)")
     checkpoint_minutes: float = Field(30.0, ge=0, description="mid-stage checkpoint every M minutes (0 = off)")
     keep_checkpoints: int = Field(2, ge=1)
+    max_nonfinite_steps: int = Field(3, ge=0, description="NaN/Inf-loss steps skipped before the stage stops")
 
 
 class StageOverrides(_Strict):

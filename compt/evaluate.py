@@ -15,13 +15,19 @@ from compt.loader import eval_loader
 
 
 @torch.no_grad()
-def _features(model, loader) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    images, captions, labels = [], [], []
+def _features(model, loader) -> tuple[torch.Tensor, list[str], torch.Tensor, list[str]]:
+    """Image embeddings, captions and labels of every readable sample; descriptions of the unreadable ones."""
+    images, captions, labels, bad = [], [], [], []
     for batch in loader:
+        bad += batch.bad
+        if not batch.captions:
+            continue
         images.append(model(batch.images, None)[0].float())
         captions += batch.captions
         labels.append(batch.labels)
-    return torch.cat(images), captions, torch.cat(labels)
+    if not images:
+        raise RuntimeError(f"no readable validation sample (e.g. {bad[0] if bad else 'empty split'}); check data.val")
+    return torch.cat(images), captions, torch.cat(labels), bad
 
 
 @torch.no_grad()
@@ -51,8 +57,9 @@ def evaluate(model, val_ds, pre: Preprocess, batch_size: int = 256, zeroshot: bo
     was_training = model.training
     model.eval()
     try:
-        img, captions, labels = _features(model, eval_loader(val_ds, pre, batch_size))
-        metrics: dict = {"zeroshot_top1": None, "zeroshot_top5": None, "retrieval": None, "val_samples": len(val_ds)}
+        img, captions, labels, bad = _features(model, eval_loader(val_ds, pre, batch_size))
+        metrics: dict = {"zeroshot_top1": None, "zeroshot_top5": None, "retrieval": None,
+                         "val_samples": len(captions), "val_bad_samples": {"count": len(bad), "examples": bad[:5]}}
         if zeroshot and val_ds.classnames and (labels >= 0).all():
             weights = []
             for name in val_ds.classnames:

@@ -2,18 +2,48 @@
 
 <run>/manifest.json                     chain name, resolved config, per-stage status/paths/sha256/summary
 <run>/stages/<k>-<name>/model.safetensors, config.json, metrics.json, loss.csv, loss.png
+<run>/replaced/<time>/<k>-<name>/       stages retrained after a confirmed config change (kept, never deleted)
 Only rank 0 writes; every write goes to a temporary name and is renamed into place.
+
+A stage's *fingerprint* hashes everything its weights depend on: its model, budget,
+transfer and optimisation settings, the data, seed, evaluation, kernels, the DeepSpeed
+config, and its predecessor's fingerprint. Settings that cannot change the weights
+(logging, checkpoint frequency, fault thresholds) are left out, so they can change on
+resume. A changed fingerprint on a stage with progress needs ``--accept-config-change``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from compt.config import ChainConfig
 
-STATUSES = ("pending", "running", "done")
+STATUSES = ("pending", "running", "done", "failed")
+RESULT_NEUTRAL_SETTINGS = {"log_every", "checkpoint_every_steps", "checkpoint_minutes", "keep_checkpoints",
+                           "max_nonfinite_steps"}
+RESULT_NEUTRAL_DATA = {"max_bad_fraction"}
+
+
+def stage_fingerprints(cfg: ChainConfig, ds_config: dict) -> list[str]:
+    common = {"seed": cfg.seed, "data": cfg.data.model_dump(mode="json", exclude=RESULT_NEUTRAL_DATA),
+              "eval": cfg.eval.model_dump(mode="json"), "kernels": cfg.kernels, "ds_config": ds_config}
+    out, prev = [], ""
+    for k, stage in enumerate(cfg.stages):
+        transfer = cfg.transfer(k)
+        payload = {**common, "name": stage.name, "model": cfg.model_cfg(k), "budget": stage.budget.model_dump(),
+                   "transfer": transfer.model_dump(mode="json") if transfer else None,
+                   "settings": stage.settings(cfg.defaults).model_dump(mode="json", exclude=RESULT_NEUTRAL_SETTINGS),
+                   "predecessor": prev}
+        prev = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        out.append(prev)
+    return out
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -42,32 +72,60 @@ class RunDir:
             return None
         return json.loads(self.manifest_path.read_text())
 
-    def conflict(self, cfg: ChainConfig, ds_config: dict) -> str | None:
-        """Why this run directory cannot take ``cfg`` (read-only, so every rank can ask)."""
-        old = self.read_manifest()
-        if old is not None and (old.get("config") != cfg.model_dump(mode="json") or old.get("ds_config") != ds_config):
-            return (f"--output {self.root} holds a run of a different chain config; "
-                    "pick a new --output directory (or delete the old run)")
-        return None
+    def _has_progress(self, entry: dict) -> bool:
+        return entry["status"] != "pending" or (self.root / entry["dir"] / "checkpoints").exists()
 
-    def open(self, cfg: ChainConfig, ds_config: dict) -> dict:
-        """Create the manifest, or reuse an existing one for the *same* resolved config."""
-        problem = self.conflict(cfg, ds_config)
+    def changed_stages(self, cfg: ChainConfig, ds_config: dict) -> list[dict]:
+        """Old manifest entries with progress whose inputs differ in ``cfg`` (or that ``cfg`` drops)."""
+        old = self.read_manifest()
+        if old is None:
+            return []
+        new = stage_fingerprints(cfg, ds_config)
+        try:
+            before = stage_fingerprints(ChainConfig.model_validate(old["config"]), old.get("ds_config") or {})
+        except (ValidationError, ValueError, KeyError):
+            before = [None] * len(old["stages"])  # written by an incompatible compt: treat all as changed
+        return [e for k, e in enumerate(old["stages"])
+                if self._has_progress(e) and (k >= len(new) or before[k] != new[k])]
+
+    def conflict(self, cfg: ChainConfig, ds_config: dict, accept_change: bool = False) -> str | None:
+        """Why this run directory cannot take ``cfg`` (read-only, so every rank can ask)."""
+        changed = self.changed_stages(cfg, ds_config)
+        if not changed or accept_change:
+            return None
+        names = ", ".join(f"{e['index']} '{e['name']}' ({e['status']})" for e in changed)
+        return (f"--output {self.root} holds a run whose config differs for stage(s) with progress: {names}. "
+                "Run again with --accept-config-change to retrain them (their files move to "
+                f"{self.root / 'replaced'}), or pick a new --output directory")
+
+    def _entry(self, k: int, name: str) -> dict:
+        return {"index": k, "name": name, "status": "pending",
+                "dir": str(self.stage_dir(k, name).relative_to(self.root)), "weights": None, "sha256": None,
+                "metrics": None}
+
+    def open(self, cfg: ChainConfig, ds_config: dict, accept_change: bool = False) -> dict:
+        """Create the manifest, or take over an existing one: unchanged stages keep their state;
+        changed stages with progress (only with ``accept_change``) move to ``replaced/`` and restart."""
+        problem = self.conflict(cfg, ds_config, accept_change)
         if problem:
             raise ValueError(problem)
         old = self.read_manifest()
-        if old is not None:
-            return old
+        changed = {e["index"] for e in self.changed_stages(cfg, ds_config)}
+        if changed:
+            aside = self.root / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+            for e in old["stages"]:
+                if e["index"] in changed and (self.root / e["dir"]).exists():
+                    aside.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(self.root / e["dir"]), str(aside / Path(e["dir"]).name))
+            print(f"config change accepted: stage(s) {sorted(changed)} restart; their old files are in {aside}")
         self.root.mkdir(parents=True, exist_ok=True)
+        kept = {e["index"]: e for e in (old or {"stages": []})["stages"] if e["index"] not in changed}
         manifest = {
             "chain": cfg.name,
             "config": cfg.model_dump(mode="json"),
             "ds_config": ds_config,
-            "stages": [
-                {"index": k, "name": s.name, "status": "pending", "dir": str(self.stage_dir(k, s.name).relative_to(self.root)),
-                 "weights": None, "sha256": None, "metrics": None}
-                for k, s in enumerate(cfg.stages)
-            ],
+            "stages": [kept[k] if k in kept and kept[k]["name"] == s.name else self._entry(k, s.name)
+                       for k, s in enumerate(cfg.stages)],
         }
         write_json(self.manifest_path, manifest)
         return manifest

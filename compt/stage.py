@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from compt.clip.grow import plan_tensor
-from compt.checkpoint import StageCheckpointer, StageInterrupted, StopRequest
+from compt.checkpoint import StageCheckpointer, StageInterrupted, StopRequest, any_rank
+from compt.faults import (Counters, StageFailed, bad_data_message, gather_examples, nonfinite_message,
+                          sum_across_ranks, too_much_bad_data)
 from compt.clip.model import build_clip, export_name_and_tensor, load_into, preprocess_for, write_model_config
 from compt.config import ChainConfig
 from compt.engine import build_engine, stage_ds_config, zero_stage
@@ -52,14 +55,6 @@ def _rank_world() -> tuple[int, int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _mean_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.tolist()
 
 
 def load_teacher(prev: StageResult) -> torch.nn.Module:
@@ -152,37 +147,75 @@ def _init_metrics(engine, prev: StageResult, teacher, pre, val_ds, cfg: ChainCon
 
 
 def _train_loop(engine, loader, loss_fn, teacher, *, steps: int, start: int, curve: list, settings,
-                checkpointer: StageCheckpointer, client: dict, label: str, rank: int) -> None:
-    """Steps ``start``..``steps``; appends to ``curve``; checkpoints and honours SIGTERM/SIGINT."""
+                checkpointer: StageCheckpointer, client: dict, counters: Counters, max_bad_fraction: float,
+                label: str, rank: int) -> None:
+    """Steps ``start``..``steps``; appends to ``curve``; checkpoints and honours SIGTERM/SIGINT.
+
+    A step whose loss is NaN/Inf on any rank is skipped (no backward, no optimizer step; with
+    gradient accumulation the step applies the other micro-batches' gradients) and counted;
+    past ``settings.max_nonfinite_steps`` the stage stops. Bad samples are counted as the
+    loader reports them; past ``max_bad_fraction`` the stage saves a checkpoint and stops.
+    """
     gas = engine.gradient_accumulation_steps()
     bar = tqdm(total=steps, initial=start, desc=label, disable=rank != 0, dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        checkpointer.save(step, {**client, "step": step, "curve": curve, "counters": counters.state()})
+
     engine.train()
+    step_finite, step_bad = True, 0
     with StopRequest() as stop:
         for micro, batch in enumerate(loader):
             out = engine(batch.images, batch.texts)
             parts = loss_fn(out, _teacher_out(teacher, batch) if teacher is not None else None)
-            if not torch.isfinite(parts.total):
-                raise FloatingPointError(f"{label}: non-finite loss {parts.total.item()} at step "
-                                         f"{start + micro // gas + 1}; lower lr or check the data")
-            engine.backward(parts.total)
-            engine.step()
+            step_bad += len(batch.bad)
+            counters.remember(batch.bad)
+            finite = not any_rank(not bool(torch.isfinite(parts.total)))[0]
+            if finite:
+                engine.backward(parts.total)
+                engine.step()
+            elif gas > 1:
+                engine.step()  # keeps DeepSpeed's micro-step count in line with the loader
+            step_finite &= finite
             if (micro + 1) % gas:
                 continue
-            total, con, ali = _mean_across_ranks([parts.total.item(), parts.contrastive.item(),
-                                                  parts.alignment.item() if parts.alignment is not None else 0.0])
             step = start + (micro + 1) // gas
-            curve.append({"step": step, "loss": total, "contrastive": con, "alignment": ali, "lr": engine.get_lr()[0]})
+            total, con, ali, bad = sum_across_ranks(
+                [parts.total.item(), parts.contrastive.item(),
+                 parts.alignment.item() if parts.alignment is not None else 0.0, step_bad])
+            counters.samples += settings.batch_size
+            counters.bad_samples += int(bad)
+            world = _rank_world()[1]
+            if step_finite:
+                total, con, ali = total / world, con / world, ali / world
+                curve.append({"step": step, "loss": total, "contrastive": con, "alignment": ali,
+                              "lr": engine.get_lr()[0]})
+            else:
+                counters.nonfinite_steps += 1
+                if rank == 0:
+                    tqdm.write(f"warning: {label}: non-finite loss at step {step}, step skipped "
+                               f"({counters.nonfinite_steps} so far, limit {settings.max_nonfinite_steps})", file=sys.stderr)
+                if counters.nonfinite_steps > settings.max_nonfinite_steps:
+                    bar.close()
+                    raise StageFailed(nonfinite_message(label, step, counters, settings.max_nonfinite_steps))
+            step_finite, step_bad = True, 0
             bar.update(1)
             if step % settings.log_every == 0 or step == steps:
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{engine.get_lr()[0]:.2e}")
-            stopping, save = checkpointer.poll(step, steps, stop)
-            if save:
-                checkpointer.save(step, {**client, "step": step, "curve": curve})
+            if too_much_bad_data(counters, max_bad_fraction, final=step == steps):
+                bar.close()
+                save(step)
+                raise StageFailed(bad_data_message(label, counters, max_bad_fraction,
+                                                   gather_examples(counters.examples), step))
+            stopping, due = checkpointer.poll(step, steps, stop)
+            if due:
+                save(step)
             if stopping:
                 bar.close()
                 raise StageInterrupted(f"{label}: stopped by signal {stop.signum} after step {step}; "
                                         f"checkpoint saved, run the same command again to resume")
     bar.close()
+    counters.examples = gather_examples(counters.examples)
 
 
 def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: StageResult | None,
@@ -234,9 +267,12 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
                           world=world, gas=engine.gradient_accumulation_steps(), seed=cfg.seed + k,
                           start_step=client["step"])
     curve = list(client["curve"])
+    counters = Counters.from_state(client.get("counters"))
     _train_loop(engine, loader, ChainLoss(transfer.alpha if use_teacher else None, rank, world, cfg.kernels), teacher,
                 steps=steps, start=client["step"], curve=curve, settings=settings, checkpointer=checkpointer,
-                client={"metrics": client["metrics"]}, label=f"stage {k} {stage.name}", rank=rank)
+                client={"metrics": client["metrics"]}, counters=counters, max_bad_fraction=cfg.data.max_bad_fraction,
+                label=f"stage {k} {stage.name}", rank=rank)
+    metrics.update(counters.metrics())
     train_seconds = time.time() - t0
 
     # Evaluate, count, save.
@@ -252,17 +288,22 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     metrics["params"] = sum(getattr(p, "ds_numel", p.numel()) for n, p in engine.module.named_parameters()
                             if not n.startswith("align_proj."))
     weights = out_dir / "model.safetensors"
-    sha = save_zero3_module(engine.module, weights, metadata={"format": "pt", "compt_stage": stage.name},
-                            rename=export_name_and_tensor)
-    metrics["wall_seconds"] = time.time() - t0
-    metrics["train_seconds"] = train_seconds
-    if rank == 0:
-        write_model_config(out_dir / "config.json", model_cfg)
-        write_loss_csv(out_dir / "loss.csv", curve)
-        plot_loss(out_dir / "loss.png", curve, title=f"stage {k}: {stage.name}")
-        write_json(out_dir / "metrics.json", metrics)
-        run.update_stage(k, status="done", weights=str(weights.relative_to(run.root)), sha256=sha,
-                         metrics=summary(metrics))
+    try:
+        sha = save_zero3_module(engine.module, weights, metadata={"format": "pt", "compt_stage": stage.name},
+                                rename=export_name_and_tensor)
+        metrics["wall_seconds"] = time.time() - t0
+        metrics["train_seconds"] = train_seconds
+        if rank == 0:
+            write_model_config(out_dir / "config.json", model_cfg)
+            write_loss_csv(out_dir / "loss.csv", curve)
+            plot_loss(out_dir / "loss.png", curve, title=f"stage {k}: {stage.name}")
+            write_json(out_dir / "metrics.json", metrics)
+            run.update_stage(k, status="done", weights=str(weights.relative_to(run.root)), sha256=sha,
+                             metrics=summary(metrics))
+    except OSError as e:  # disk full, quota: every write above goes to a tmp name first
+        raise StageFailed(f"stage {k} {stage.name}: could not write its results to {out_dir}: {e}. Files written "
+                          "earlier are intact and the stage's checkpoints are kept; free disk space and run the same "
+                          "command again to resume") from e
     _barrier()
     checkpointer.remove_all()
     engine.destroy() if hasattr(engine, "destroy") else None
@@ -281,6 +322,9 @@ def finished_stage(run: RunDir, cfg: ChainConfig, k: int) -> StageResult | None:
         return None
     weights = run.root / entry["weights"]
     if not weights.is_file() or sha256_file(weights) != entry["sha256"]:
+        if _rank_world()[0] == 0:
+            what = "is missing" if not weights.is_file() else "does not match the sha256 in the manifest (corrupt)"
+            print(f"warning: stage {k} {entry['name']}: {weights} {what}; training the stage again", file=sys.stderr)
         return None
     out_dir = run.root / entry["dir"]
     metrics = json.loads((out_dir / "metrics.json").read_text())

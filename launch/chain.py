@@ -2,6 +2,11 @@
 
     deepspeed launch/chain.py --ds_config ds_configs/zero3.json [--chain demo|PATH.yaml] [--output DIR]
     deepspeed --num_gpus 2 launch/chain.py ...     (more ranks; --hostfile for more nodes)
+
+Run the same command again to resume: finished stages are verified and skipped, the
+running one continues from its newest good checkpoint. Exit codes: 0 done, 1 a stage
+failed (bad data, NaN losses, unwritable disk; the message says what to fix), 2 bad
+input (nothing ran), 143 stopped by SIGTERM/SIGINT after saving a checkpoint.
 """
 from __future__ import annotations
 
@@ -10,10 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from compt.checkpoint import StageInterrupted
+from compt.checkpoint import CheckpointError, StageInterrupted
 from compt.config import ChainConfigError, load_chain
 from compt.data import build_dataset
 from compt.engine import read_ds_config
+from compt.faults import StageFailed
 from compt.report import markdown_table, print_table, result_rows
 from compt.rundir import RunDir, atomic_write_text
 from compt.stage import finished_stage, train_stage
@@ -24,6 +30,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chain", default="demo", help="chain YAML path or preset name (default: the built-in demo)")
     p.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed config JSON")
     p.add_argument("--output", default=None, help="run directory (default: runs/<chain name>)")
+    p.add_argument("--accept-config-change", action="store_true",
+                   help="the chain config of an existing --output changed: retrain the affected stages "
+                        "(their old files are kept under <output>/replaced/)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return p.parse_args()
 
@@ -54,7 +63,7 @@ def main() -> int:
         return 2
     ds_base = read_ds_config(args.ds_config)
     run = RunDir(args.output or Path("runs") / cfg.name)
-    problem = run.conflict(cfg, ds_base)  # every rank checks, so no rank waits for one that quit
+    problem = run.conflict(cfg, ds_base, args.accept_config_change)  # every rank checks, so no rank waits for one that quit
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -62,7 +71,7 @@ def main() -> int:
 
     # 2. The run directory (rank 0 creates it; an existing run of the same config is resumed).
     if rank == 0:
-        run.open(cfg, ds_base)
+        run.open(cfg, ds_base, args.accept_config_change)
     import torch.distributed as dist
     dist.barrier()
 
@@ -83,6 +92,11 @@ def main() -> int:
             except StageInterrupted as e:
                 print(e, file=sys.stderr)
                 return 143
+            except (StageFailed, CheckpointError) as e:
+                if rank == 0:
+                    print(f"error: {e}", file=sys.stderr)
+                    run.update_stage(k, status="failed", error=str(e))
+                return 1
         elif rank == 0:
             print(f"stage {k} {stage.name}: already done (weights verified), skipping")
         done.append((stage, result.metrics, result))

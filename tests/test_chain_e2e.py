@@ -183,6 +183,96 @@ def test_sigkill_mid_stage_then_resume_is_bit_identical(runs, tmp_path):
     assert curve == (reference / "stages" / "1-b" / "loss.csv").read_text()
 
 
+def _plain(args: list[str], port: int) -> subprocess.CompletedProcess:
+    """launch/chain.py as one rank without the deepspeed launcher (quicker to start)."""
+    env = {**os.environ, "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "launch/chain.py", "--ds_config", DS, *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=600, env=env)
+
+
+def _weights(run_dir, k, name):
+    return load_file(str(run_dir / "stages" / f"{k}-{name}" / "model.safetensors"))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("ranks,trial", [(1, 1), (2, 2)])
+def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(runs, tmp_path, ranks, trial):
+    """kill -9 at a random moment (any stage, mid-step, mid-checkpoint or mid-save), resume: same family."""
+    import random
+    import signal
+    import time
+
+    run_dir = tmp_path / "killed"
+    port = 29620 + 2 * trial
+    cmd = ["deepspeed", "--master_port", str(port), "--num_gpus", str(ranks), "launch/chain.py", "--chain",
+           str(runs["chain"]), "--ds_config", DS, "--output", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = run_dir / "stages" / "0-a" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(trial).uniform(0.0, 4.0))
+    assert proc.poll() is None, "the run finished before the kill; lower the random delay"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    statuses = [s["status"] for s in json.loads((run_dir / "manifest.json").read_text())["stages"]]
+    print(f"killed with stages {statuses}")
+
+    _launch(cmd[3:], port + 1)
+    reference = runs[ranks][0]
+    for k, name in enumerate(["a", "b", "c"]):
+        assert _same(_weights(run_dir, k, name), _weights(reference, k, name)), f"stage {name} differs ({statuses})"
+        assert (run_dir / "stages" / f"{k}-{name}" / "loss.csv").read_text() == \
+            (reference / "stages" / f"{k}-{name}" / "loss.csv").read_text()
+
+
+def test_corrupt_stage_weights_are_detected_and_retrained(runs, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[1][0], run_dir)
+    b = run_dir / "stages" / "1-b" / "model.safetensors"
+    b.write_bytes(b.read_bytes()[:-100])  # truncated
+    c = run_dir / "stages" / "2-c" / "model.safetensors"
+    data = bytearray(c.read_bytes())
+    data[-5] ^= 0x10  # one flipped bit in the last tensor
+    c.write_bytes(bytes(data))
+    proc = _plain(["--chain", str(runs["chain"]), "--output", str(run_dir)], 29631)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for k, name in ((1, "b"), (2, "c")):
+        assert f"stage {k} {name}: {run_dir / 'stages' / f'{k}-{name}' / 'model.safetensors'} does not match" in proc.stderr
+        assert _same(_weights(run_dir, k, name), _weights(runs[1][0], k, name))
+    assert "stage 0 a: already done" in proc.stdout
+
+
+def test_changed_config_names_the_changed_stages_and_needs_confirming(runs, chain_dict, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[1][0], run_dir)
+    chain_dict["stages"][2]["lr"] = 1.0e-3  # only stage c's inputs change
+    chain_dict["defaults"]["log_every"] = 1  # cannot change any weights: no confirmation needed for it
+    path = write_chain(tmp_path / "changed.yaml", chain_dict)
+    before = (run_dir / "manifest.json").read_text()
+    proc = _plain(["--chain", str(path), "--output", str(run_dir)], 29632)
+    assert proc.returncode == 2 and "differs for stage(s) with progress: 2 'c' (done)." in proc.stderr
+    assert "--accept-config-change" in proc.stderr and (run_dir / "manifest.json").read_text() == before
+
+    proc = _plain(["--chain", str(path), "--output", str(run_dir), "--accept-config-change"], 29633)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "stage 0 a: already done" in out and "stage 1 b: already done" in out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["config"]["stages"][2]["lr"] == 1.0e-3 and manifest["stages"][2]["status"] == "done"
+    replaced = list((run_dir / "replaced").glob("*/2-c/model.safetensors"))
+    assert len(replaced) == 1 and _same(load_file(str(replaced[0])), _weights(runs[1][0], 2, "c"))
+    assert not _same(_weights(run_dir, 2, "c"), _weights(runs[1][0], 2, "c"))
+
+
 def test_changed_config_on_existing_run_is_refused(runs, chain_dict, tmp_path):
     run_dir, _ = runs[1]
     chain_dict["defaults"]["lr"] = 1.0e-3
@@ -190,5 +280,6 @@ def test_changed_config_on_existing_run_is_refused(runs, chain_dict, tmp_path):
     before = (run_dir / "manifest.json").read_text()
     proc = subprocess.run([sys.executable, "launch/chain.py", "--chain", str(path), "--ds_config", DS,
                            "--output", str(run_dir)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 2 and "holds a run of a different chain config" in proc.stderr
+    assert proc.returncode == 2
+    assert "differs for stage(s) with progress: 0 'a' (done), 1 'b' (done), 2 'c' (done)" in proc.stderr
     assert (run_dir / "manifest.json").read_text() == before

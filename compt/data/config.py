@@ -57,6 +57,9 @@ class DataConfig(BaseModel):
     val_fraction: float = 0.2
     split_seed: int = 0
     render_size: int = 32
+    # Unreadable/corrupt/missing images and empty captions are skipped and counted; a stage
+    # stops when more than this fraction of the samples it has drawn were bad.
+    max_bad_fraction: float = 0.01
 
     def resolved_keys(self) -> Keys:
         default = DEFAULT_KEYS[self.kind]
@@ -76,6 +79,11 @@ class DataConfig(BaseModel):
             found.append(
                 f"data.val_fraction: {self.val_fraction} is not between 0 and 1; "
                 "give a fraction such as 0.2"
+            )
+        if not 0.0 <= self.max_bad_fraction < 1.0:
+            found.append(
+                f"data.max_bad_fraction: {self.max_bad_fraction} is not in [0, 1); "
+                "give a fraction such as 0.01 (0 = stop at the first bad sample)"
             )
         if self.render_size < 8:
             found.append(

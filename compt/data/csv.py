@@ -15,9 +15,9 @@ from compt.data.dataset import Example, ImageTextDataset, as_rgb
 
 class CsvDataset(ImageTextDataset):
     def __init__(self, paths: list[Path], captions: list[str], labels: list[int],
-                 classnames: list[str] | None, templates: list[str] | None):
+                 classnames: list[str] | None, templates: list[str] | None, source: Path | None = None):
         super().__init__(classnames, templates)
-        self.paths, self.captions, self.labels = paths, captions, labels
+        self.paths, self.captions, self.labels, self.source = paths, captions, labels, source
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -27,6 +27,9 @@ class CsvDataset(ImageTextDataset):
             rgb = as_rgb(image)
             rgb.load()  # read pixels before the file closes
         return Example(rgb, self.captions[index], self.labels[index])
+
+    def describe(self, index: int) -> str:
+        return f"{self.paths[index]} ({self.source} row {index + 2})"
 
 
 def build_csv(cfg: DataConfig, split: str) -> CsvDataset:
@@ -51,7 +54,7 @@ def build_csv(cfg: DataConfig, split: str) -> CsvDataset:
             labels.append(_label(row.get(keys.label), path, line) if has_label else -1)
     if not paths:
         raise ValueError(f"data.{split}: {path} has a header but no rows; give a CSV with data")
-    return CsvDataset(paths, captions, labels, cfg.classnames, cfg.templates)
+    return CsvDataset(paths, captions, labels, cfg.classnames, cfg.templates, path)
 
 
 def _label(value: str | None, path: Path, line: int) -> int:

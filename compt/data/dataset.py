@@ -40,6 +40,10 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, index: int) -> Example:
         raise NotImplementedError
 
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from, for error messages about bad samples."""
+        return f"sample {index}"
+
 
 def as_rgb(image: Image.Image | bytes) -> Image.Image:
     """Decode bytes if needed and force RGB (grey, palette and RGBA all occur in the wild)."""

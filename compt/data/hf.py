@@ -31,6 +31,9 @@ class HFDataset(ImageTextDataset):
         label = row[self.label_key] if self.label_key else None
         return Example(_image(row[self.image_key]), str(caption), -1 if label is None else int(label))
 
+    def describe(self, index: int) -> str:
+        return f"row {index} of the datasets table"
+
 
 def _image(value) -> Image.Image:
     if isinstance(value, Image.Image):

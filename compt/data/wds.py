@@ -40,6 +40,10 @@ class TarShardDataset(ImageTextDataset):
             label = int(_read(f, row, _LABEL).decode("ascii").strip()) if row[_LABEL] >= 0 else -1
         return Example(image, caption, label)
 
+    def describe(self, index: int) -> str:
+        row = self.index[index]
+        return f"{self.shards[row[_SHARD]]} (member at byte {int(row[_IMAGE])})"
+
 
 def _read(f, row: np.ndarray, col: int) -> bytes:
     f.seek(int(row[col]))
