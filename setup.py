@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Chain-of-Models Pre-Training (CoM-PT) on DeepSpeed",
     python_requires=">=3.10",
-    packages=["compt", "compt.clip", "compt.commands", "compt.data", "compt.kernels"],
+    packages=["compt", "compt.clip", "compt.commands", "compt.data", "compt.kernels", "compt.llama", "compt.text"],
     package_dir={"compt": "compt", "compt.kernels": "kernels"},
     package_data={"compt": ["chains/*.yaml"]},
     install_requires=[
@@ -28,6 +28,8 @@ setup(
         "rich",
         "matplotlib",
         "pillow",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["compt=compt.cli:main"]},

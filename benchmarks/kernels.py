@@ -5,6 +5,7 @@ throughput of the fused weight expansion (CUDA only).
     python benchmarks/kernels.py --loss-share      # + the loss's share of a ViT-B/16 training step
     python benchmarks/kernels.py --quick           # a few shapes, for a first look
     python benchmarks/kernels.py --expansion       # weight expansion ViT-B/16 -> ViT-L/16 instead
+    python benchmarks/kernels.py --distill         # fused linear KL distillation loss instead
 
 What it measures, per shape (B images, C captions per image, embed dim D; bf16 unless --dtype):
 - forward and forward+backward time (median of --reps, CUDA events, after warm-up) and the
@@ -28,10 +29,19 @@ partitions), then GB/s of useful bytes (output + teacher + init read once) for t
 included) and the reference, against the memory-bandwidth limit measured with a large
 clone/copy on the same device.
 
+With --distill: the fused linear KL distillation loss (compt.kernels.fused_linear_kl) at
+--distill-tokens 8192 tokens, vocab 32000, student:teacher hidden 1024:1024, 2048:2048 and
+1024:2048 (bf16 unless --dtype): peak memory above the inputs and forward+backward time of
+``naive`` (distill_kl_reference, full logits), ``fused`` (backend="triton"), ``torch-chunked``
+(backend="torch") and Liger-Kernel's fused linear JSD loss when liger_kernel is importable
+(configured as KL(p_t || p_s) only after a numerical check against the reference; else a
+printed note), after an agreement check of both of ours against the reference on the GPU.
+
 Targets (issue 4): fused >= 3x faster than eager and not slower than torch.compile;
-expansion within 2x of the bandwidth limit.
+expansion within 2x of the bandwidth limit; distill: fused peak <= 30% of naive's, time
+<= naive's.
 Outputs: benchmarks/results/kernels-<device>.{json,md} (expansion-<device>.{json,md} with
---expansion), with the device, versions and command.
+--expansion, distill-<device>.{json,md} with --distill), with the device, versions and command.
 Without CUDA it prints a message and exits 0, writing nothing.
 """
 from __future__ import annotations
@@ -507,6 +517,307 @@ def expansion_markdown(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Fused linear KL distillation (--distill): peak memory and time vs the naive loss.
+# ---------------------------------------------------------------------------
+DISTILL_IMPLS = ("naive", "fused", "torch-chunked", "liger")
+
+
+def _distill_inputs(tokens: int, student_dim: int, teacher_dim: int, vocab: int, dtype: torch.dtype,
+                    seed: int = 0, masked: bool = False):
+    """Hidden states ~ N(0, 1) and lm_heads ~ N(0, 1/D): logits of std ~1."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEVICE, generator=gen) * scale).to(dtype)
+
+    s_h = rand(tokens, student_dim).requires_grad_()
+    s_w = rand(vocab, student_dim, scale=student_dim ** -0.5).requires_grad_()
+    t_h, t_w = rand(tokens, teacher_dim), rand(vocab, teacher_dim, scale=teacher_dim ** -0.5)
+    mask = torch.rand(tokens, device=DEVICE, generator=gen) < 0.8 if masked else None
+    return s_h, s_w, t_h, t_w, mask
+
+
+def _distill_ours(temperature: float) -> dict:
+    from compt.kernels import distill_kl_reference, fused_linear_kl
+
+    return {
+        "naive": lambda s_h, s_w, t_h, t_w: distill_kl_reference(s_h, s_w, t_h, t_w, temperature=temperature),
+        "fused": lambda s_h, s_w, t_h, t_w: fused_linear_kl(s_h, s_w, t_h, t_w, temperature=temperature,
+                                                            backend="triton"),
+        "torch-chunked": lambda s_h, s_w, t_h, t_w: fused_linear_kl(s_h, s_w, t_h, t_w, temperature=temperature,
+                                                                    backend="torch"),
+    }
+
+
+def _liger_call(cls, beta: float, temperature: float):
+    """A callable (s_h, s_w, t_h, t_w) -> loss over one of Liger-Kernel's fused linear JSD
+    modules, configured as a pure soft (distillation) loss with JSD weight ``beta``.
+
+    Their constructor and forward arguments differ across liger_kernel releases (bias
+    arguments, chunk_size, jsd_beta vs beta, labels required or optional), so they are
+    read from the signatures rather than assumed."""
+    import inspect
+
+    init = inspect.signature(cls.__init__).parameters
+    wanted = {"weight_hard_loss": 0.0, "weight_soft_loss": 1.0, "beta": beta, "jsd_beta": beta,
+              "temperature": temperature, "ignore_index": -100}
+    module = cls(**{k: v for k, v in wanted.items() if k in init})
+    params = [p for name, p in inspect.signature(module.forward).parameters.items()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][4:]
+    labels = {}
+
+    def call(s_h, s_w, t_h, t_w):
+        extra = []
+        for p in params:
+            if p.name in ("true_labels", "target", "labels", "shift_labels"):
+                key = (s_h.shape[0], s_w.shape[0], s_h.device)
+                if key not in labels:  # every token valid: Liger's mean is then over all tokens, as ours
+                    labels[key] = torch.randint(0, s_w.shape[0], (s_h.shape[0],), device=s_h.device)
+                extra.append(labels[key])
+            elif p.name.endswith("bias"):
+                extra.append(None)
+            elif p.default is p.empty:
+                raise TypeError(f"{cls.__name__}.forward needs an argument {p.name!r} this benchmark does not know")
+            else:
+                break
+        return module(s_h, s_w, t_h, t_w, *extra)
+
+    return call
+
+
+def _distill_liger(temperature: float, notes: list[str]) -> dict:
+    """Liger-Kernel's fused linear distillation losses, when importable, each configured
+    (beta 0 or 1, whichever its release uses for it) to compute KL(p_t || p_s) -- checked
+    numerically against distill_kl_reference here, not assumed."""
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        notes.append("liger_kernel is not importable: the Liger-Kernel comparison is skipped.")
+        return {}
+    candidates = []
+    for module_name, cls_name, label in (("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss", "liger"),
+                                         ("liger_kernel.transformers", "LigerFusedLinearJSD", "liger-triton-jsd")):
+        try:
+            candidates.append((label, getattr(__import__(module_name, fromlist=[cls_name]), cls_name)))
+        except (ImportError, AttributeError) as err:
+            notes.append(f"{module_name}.{cls_name} not available ({type(err).__name__}: {err}); skipped.")
+
+    from compt.kernels import distill_kl_reference
+
+    impls = {}
+    check = _distill_inputs(64, 64, 96, 1000, torch.float32, seed=7)
+    want_loss = distill_kl_reference(*check[:4], temperature=temperature)
+    want_grad = torch.autograd.grad(want_loss, check[0])[0]
+    for label, cls in candidates:
+        tried = []
+        for beta in (0.0, 1.0):
+            try:
+                fn = _liger_call(cls, beta, temperature)
+                loss = fn(*check[:4]) * temperature ** 2  # Liger leaves out Hinton's T^2
+                grad = torch.autograd.grad(loss, check[0])[0]
+            except Exception as err:  # noqa: BLE001 - any failure of a third-party API is a note
+                tried.append(f"beta={beta}: {type(err).__name__}: {str(err)[:200]}")
+                continue
+            errors = (rel_err(loss, want_loss), rel_err(grad, want_grad))
+            tried.append(f"beta={beta}: rel err loss {errors[0]:.1e}, d hidden {errors[1]:.1e}")
+            if max(errors) <= 1e-3:
+                impls[label] = fn
+                notes.append(f"{label} = {cls.__module__}.{cls.__name__} with beta={beta} (= KL(p_t || p_s) "
+                             f"here: {tried[-1]}); hard-loss weight 0, every token a valid label.")
+                break
+        else:
+            notes.append(f"{label} ({cls.__module__}.{cls.__name__}) matched KL(p_t || p_s) with neither beta: "
+                         + "; ".join(tried) + ". Not timed.")
+    del check
+    return impls
+
+
+def _distill_measure(fn, inputs, reps: int, warmup: int) -> dict:
+    """Forward+backward ms (median) and peak memory above the inputs of one forward+backward."""
+    s_h, s_w, t_h, t_w = inputs
+
+    def forward_backward():
+        s_h.grad = s_w.grad = None
+        fn(s_h, s_w, t_h, t_w).backward()
+
+    for _ in range(warmup):
+        forward_backward()
+    s_h.grad = s_w.grad = None
+    out = {}
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward()
+        torch.cuda.synchronize()
+        out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out["fwd_bwd_ms"] = _median_ms(forward_backward, reps)
+    else:  # CPU dry run of this logic: wall time, no memory statistics
+        out["fwd_bwd_ms"] = _wall_ms(forward_backward, reps, warmup=0)
+    s_h.grad = s_w.grad = None
+    return out
+
+
+# (tokens, student dim, teacher dim, vocab, temperature, masked)
+DISTILL_AGREEMENT_CASES = ((1, 64, 64, 1000, 1.0, False), (333, 256, 512, 32000, 2.0, True),
+                           (4096, 1024, 2048, 32000, 1.0, False), (2048, 1024, 1024, 50257, 0.5, True))
+
+
+def check_distill_agreement(cases=DISTILL_AGREEMENT_CASES) -> list[dict]:
+    """fused (Triton) and torch-chunked vs distill_kl_reference on this GPU (loss and both gradients)."""
+    from compt.kernels import distill_kl_reference, fused_linear_kl
+
+    rows = []
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for tokens, sdim, tdim, vocab, temperature, masked in cases:
+            s_h, s_w, t_h, t_w, mask = _distill_inputs(tokens, sdim, tdim, vocab, dtype, seed=tokens, masked=masked)
+            results = {}
+            for name in ("reference", "triton", "torch"):
+                s_h.grad = s_w.grad = None
+                if name == "reference":
+                    loss = distill_kl_reference(s_h, s_w, t_h, t_w, temperature=temperature, mask=mask)
+                else:
+                    loss = fused_linear_kl(s_h, s_w, t_h, t_w, temperature=temperature, mask=mask, backend=name)
+                loss.backward()
+                results[name] = [loss.detach(), s_h.grad.clone(), s_w.grad.clone()]
+            for name in ("triton", "torch"):
+                errors = [rel_err(f, r) for f, r in zip(results[name], results["reference"])]
+                rows.append({"impl": "fused" if name == "triton" else "torch-chunked",
+                             "dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "student_dim": sdim,
+                             "teacher_dim": tdim, "vocab": vocab, "temperature": temperature, "masked": masked,
+                             "rel_err": errors, "tolerance": tol, "ok": max(errors) <= tol})
+            del s_h, s_w, t_h, t_w, results
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def distill_benchmark(args, dtype: torch.dtype) -> dict:
+    notes: list[str] = []
+    impls = {**_distill_ours(args.temperature), **_distill_liger(args.temperature, notes)}
+    for note in notes:
+        print("note:", note, flush=True)
+    rows = []
+    for pair in args.distill_dims:
+        student_dim, teacher_dim = (int(x) for x in pair.split(":"))
+        inputs = _distill_inputs(args.distill_tokens, student_dim, teacher_dim, args.distill_vocab, dtype)[:4]
+        row = {"tokens": args.distill_tokens, "vocab": args.distill_vocab, "student_dim": student_dim,
+               "teacher_dim": teacher_dim}
+        for name, fn in impls.items():
+            try:
+                row[name] = _distill_measure(fn, inputs, args.reps, args.warmup)
+            except torch.OutOfMemoryError as err:
+                row[name] = {"error": f"OOM: {str(err)[:200]}"}
+            except Exception as err:  # noqa: BLE001 - a third-party (Liger) failure must not end the run
+                if name in ("naive", "fused", "torch-chunked"):
+                    raise
+                row[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+        naive = row.get("naive", {})
+        for name in impls:
+            m = row[name]
+            if "fwd_bwd_ms" in m and "fwd_bwd_ms" in naive:
+                m["time_vs_naive"] = m["fwd_bwd_ms"] / naive["fwd_bwd_ms"]
+            if "peak_extra_mib" in m and "peak_extra_mib" in naive:
+                m["peak_vs_naive"] = m["peak_extra_mib"] / naive["peak_extra_mib"]
+        rows.append(row)
+        print(_distill_line(row, impls), flush=True)
+        del inputs
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    fused = [r["fused"] for r in rows if "time_vs_naive" in r.get("fused", {})]
+    return {"temperature": args.temperature, "impls": list(impls), "notes": notes, "rows": rows, "targets": {
+        "max_peak_vs_naive": max((m["peak_vs_naive"] for m in fused if "peak_vs_naive" in m), default=None),
+        "max_time_vs_naive": max((m["time_vs_naive"] for m in fused), default=None),
+        "fused_peak_at_most_30pct_of_naive": bool(fused) and all(m.get("peak_vs_naive", 1e9) <= 0.30 for m in fused),
+        "fused_not_slower_than_naive": bool(fused) and all(m["time_vs_naive"] <= 1.0 for m in fused),
+    }}
+
+
+def _distill_line(row: dict, impls) -> str:
+    parts = [f"N={row['tokens']} V={row['vocab']} D {row['student_dim']}->{row['teacher_dim']}"]
+    for name in impls:
+        m = row[name]
+        if "error" in m:
+            parts.append(f"{name} {m['error'][:80]}")
+            continue
+        mem = f" {m['peak_extra_mib']:.0f} MiB" if "peak_extra_mib" in m else ""
+        rel = f" ({100 * m['peak_vs_naive']:.0f}% mem, x{m['time_vs_naive']:.2f} time)" if "peak_vs_naive" in m else ""
+        parts.append(f"{name} {m['fwd_bwd_ms']:.2f} ms{mem}{rel}")
+    return " | ".join(parts)
+
+
+def distill_markdown(result: dict) -> str:
+    v, d = result["versions"], result["distill"]
+    lines = [
+        f"# Fused linear KL distillation loss: {result['device']}",
+        "",
+        f"torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, python {v['python']}; dtype {result['dtype']}; "
+        f"temperature {d['temperature']}; median of {result['reps']} after {result['warmup']} warm-up; "
+        f"{result['date']}.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "Forward+backward time (ms) and peak memory above the inputs (MiB) of one forward+backward of "
+        "T^2 * mean KL(p_teacher || p_student) from hidden states and lm_head weights. `naive` is "
+        "`distill_kl_reference` (full logits); `fused` is `fused_linear_kl(backend=\"triton\")`; "
+        "`torch-chunked` is `fused_linear_kl(backend=\"torch\")`; `liger` is Liger-Kernel's fused linear "
+        "distillation loss when importable (see notes). Targets: fused peak <= 30% of naive, time <= naive.",
+        "",
+        "| D student | D teacher | impl | fwd+bwd ms | peak MiB | peak / naive | time / naive |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in d["rows"]:
+        for name in d["impls"]:
+            m = r[name]
+            if "error" in m:
+                lines.append(f"| {r['student_dim']} | {r['teacher_dim']} | {name} | {m['error'][:60]} | | | |")
+                continue
+            lines.append(f"| {r['student_dim']} | {r['teacher_dim']} | {name} | {m['fwd_bwd_ms']:.2f} | "
+                         f"{_fmt(m.get('peak_extra_mib'))} | "
+                         + (f"{100 * m['peak_vs_naive']:.0f}%" if "peak_vs_naive" in m else "-")
+                         + f" | {_fmt(m.get('time_vs_naive'))} |")
+    t = d["targets"]
+    lines += ["", f"Tokens {d['rows'][0]['tokens'] if d['rows'] else '-'}, vocab "
+              f"{d['rows'][0]['vocab'] if d['rows'] else '-'}. Targets: fused peak <= 30% of naive everywhere: "
+              f"{t['fused_peak_at_most_30pct_of_naive']} (max {_fmt(t['max_peak_vs_naive'])}); not slower than "
+              f"naive everywhere: {t['fused_not_slower_than_naive']} (max x{_fmt(t['max_time_vs_naive'])})."]
+    if "agreement" in result:
+        ok = sum(r["ok"] for r in result["agreement"])
+        worst = {}
+        for r in result["agreement"]:
+            key = f"{r['impl']} {r['dtype']}"
+            worst[key] = max(worst.get(key, 0.0), max(r["rel_err"]))
+        lines += ["", f"Agreement with the reference on this GPU: {ok}/{len(result['agreement'])} cases within "
+                  "tolerance (1e-5 fp32, 1e-2 bf16); worst relative error "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()) + "."]
+    if d["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in d["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _write_distill(args, result: dict, dtype: torch.dtype) -> int:
+    result["reps"] = args.reps
+    if not args.skip_check:
+        result["agreement"] = check_distill_agreement()
+        bad = [r for r in result["agreement"] if not r["ok"]]
+        print(f"agreement vs distill_kl_reference: {len(result['agreement']) - len(bad)}/"
+              f"{len(result['agreement'])} ok")
+        for r in bad:
+            print("  DISAGREES:", r)
+    result["distill"] = distill_benchmark(args, dtype)
+    result.pop("alpha", None)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"distill-{device_slug(result['device'])}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(distill_markdown(result))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Driver.
 # ---------------------------------------------------------------------------
 
@@ -543,6 +854,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the measured bandwidth limit) instead of the alignment loss")
     p.add_argument("--expansion-ranks", type=int, default=8, help="ZeRO-3 ranks whose partitions --expansion times")
     p.add_argument("--expansion-ref-reps", type=int, default=3, help="repetitions of the slow reference path")
+    p.add_argument("--distill", action="store_true",
+                   help="benchmark the fused linear KL distillation loss (naive vs fused Triton vs torch-chunked "
+                        "vs Liger-Kernel if importable: peak memory and forward+backward time) instead")
+    p.add_argument("--distill-tokens", type=int, default=8192, help="tokens (rows) for --distill")
+    p.add_argument("--distill-vocab", type=int, default=32000, help="vocabulary size for --distill")
+    p.add_argument("--distill-dims", nargs="+", default=["1024:1024", "2048:2048", "1024:2048"],
+                   help="student:teacher hidden dims for --distill")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature for --distill")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
@@ -572,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.expansion:
         return _write_expansion(args, result)
+    if args.distill:
+        return _write_distill(args, result, dtype)
     if not args.skip_check:
         result["agreement"] = check_agreement()
         bad = [r for r in result["agreement"] if not r["ok"]]
