@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from compt.clip.grow import growth_problem
 from compt.clip.model import model_config_problem, resolve_model_config, size_problem
 from compt.data import DataConfig
+from compt.text.config import TextDataConfig
 
-PRESETS = {"demo": "demo.yaml"}
+PRESETS = {"demo": "demo.yaml", "llama-demo": "llama-demo.yaml"}
+ALPHA_DEFAULT = {"clip": 500.0, "llama": 1.0}  # alignment (CLIP, METHOD.md) / KL-distillation (LLaMA) weight
 
 
 class ChainConfigError(ValueError):
@@ -61,13 +63,16 @@ class Transfer(_Strict):
 
     init: exact (function-preserving growth), official (the reference code's slice copy),
     none (from scratch). noise/seed: symmetry breaking for exact growth (function kept).
+    align/alpha: CLIP aligns embeddings to the teacher's (alpha default 500); LLaMA distils
+    the teacher's next-token distributions, KL at ``temperature`` (alpha default 1).
     """
 
     init: Literal["exact", "official", "none"] = "official"
     noise: float = Field(0.0, ge=0.0)
     seed: int | None = Field(None, description="growth noise seed (default: the chain seed + stage index)")
     align: bool = True
-    alpha: float = Field(500.0, ge=0.0)
+    alpha: float | None = Field(None, ge=0.0, description="default: 500 for CLIP, 1 for LLaMA")
+    temperature: float = Field(1.0, gt=0.0, description="LLaMA distillation temperature")
 
 
 class TrainSettings(_Strict):
@@ -115,8 +120,10 @@ class EvalConfig(_Strict):
 
 class ChainConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    family: Literal["clip", "llama"] = Field("clip", description="clip: open_clip CLIP models on image-text data; "
+                                                                 "llama: transformers LlamaForCausalLM on text")
     seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig | TextDataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     defaults: TrainSettings = Field(default_factory=TrainSettings)
     kernels: Literal["auto", "triton", "reference"] = Field(
@@ -124,14 +131,33 @@ class ChainConfig(_Strict):
                         "PyTorch reference otherwise")
     stages: list[StageConfig] = Field(min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _data_of_family(cls, raw: Any) -> Any:
+        """``data`` is image-text data for CLIP and text for LLaMA: parse it as the family's kind."""
+        if isinstance(raw, dict) and isinstance(raw.get("data", {}), dict):
+            kind = TextDataConfig if raw.get("family") == "llama" else DataConfig
+            raw = {**raw, "data": kind.model_validate(raw.get("data", {}))}
+        return raw
+
     def model_cfg(self, k: int) -> dict:
+        """Stage k's resolved model config (for exact LLaMA growth: with the eps exactness needs)."""
+        if self.family == "llama":
+            from compt.llama.grow import exact_config
+            from compt.llama.model import resolve_llama_config
+
+            cfg = resolve_llama_config(self.stages[k].model)
+            if k > 0 and self.transfer(k).init == "exact":
+                cfg = exact_config(self.model_cfg(k - 1), cfg)
+            return cfg
         return resolve_model_config(self.stages[k].model)
 
     def transfer(self, k: int) -> Transfer | None:
-        """Stage k's transfer settings (None for the first stage)."""
+        """Stage k's transfer settings (None for the first stage), family defaults filled in."""
         if k == 0:
             return None
-        return self.stages[k].transfer or Transfer()
+        t = self.stages[k].transfer or Transfer()
+        return t if t.alpha is not None else t.model_copy(update={"alpha": ALPHA_DEFAULT[self.family]})
 
 
 def _pydantic_problems(err: ValidationError) -> list[str]:
@@ -162,6 +188,8 @@ def chain_problems(cfg: ChainConfig) -> list[str]:
     names = [s.name for s in cfg.stages]
     for n in {n for n in names if names.count(n) > 1}:
         problems.append(f"stages: name '{n}' is used twice; give every stage a unique name")
+    if cfg.family == "llama":
+        return problems + _llama_problems(cfg)
     resolved: list[dict | None] = []
     for k, stage in enumerate(cfg.stages):
         p = model_config_problem(stage.model)
@@ -185,6 +213,39 @@ def chain_problems(cfg: ChainConfig) -> list[str]:
         bs = stage.settings(cfg.defaults).batch_size
         if bs < 2:
             problems.append(f"stages.{k}.batch_size: contrastive training needs a batch of at least 2")
+    return problems
+
+
+def _llama_problems(cfg: ChainConfig) -> list[str]:
+    from compt.llama.grow import growth_problem as llama_growth_problem
+    from compt.llama.model import llama_config_problem
+
+    problems: list[str] = []
+    if not isinstance(cfg.data, TextDataConfig):
+        return ["data: a llama chain trains on text; give data.kind pydoc, text, jsonl or hf"]
+    ok = True
+    for k, stage in enumerate(cfg.stages):
+        p = llama_config_problem(stage.model)
+        if p:
+            problems.append(f"stages.{k}.model: {p}")
+            ok = False
+            continue
+        if k == 0 and stage.transfer is not None:
+            problems.append("stages.0.transfer: the first stage has no predecessor; remove 'transfer'")
+        m = cfg.model_cfg(k) if ok else None
+        if m is None:
+            continue
+        if m["vocab_size"] < cfg.data.vocab_size:
+            problems.append(f"stages.{k}.model.vocab_size: {m['vocab_size']} is below data.vocab_size "
+                            f"{cfg.data.vocab_size} (the tokenizer's size); raise it to at least {cfg.data.vocab_size}")
+        if m["max_position_embeddings"] < cfg.data.seq_len:
+            problems.append(f"stages.{k}.model.max_position_embeddings: {m['max_position_embeddings']} is below "
+                            f"data.seq_len {cfg.data.seq_len}; raise it or lower data.seq_len")
+        if k > 0 and cfg.transfer(k).init != "none":
+            p = llama_growth_problem(cfg.model_cfg(k - 1), m, cfg.transfer(k).init)
+            if p:
+                problems.append(f"stages.{k}.transfer.init: {cfg.transfer(k).init} growth is impossible here: {p}; "
+                                "use another mode or change the model")
     return problems
 
 

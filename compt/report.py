@@ -9,17 +9,34 @@ from typing import Any, Sequence
 
 from compt.flops import format_flops
 
-COLUMNS = ("stage", "model", "params", "budget", "init top-1", "top-1", "top-5", "I->T R@1", "T->I R@1", "FLOPs", "wall")
-
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def result_rows(stages: Sequence[tuple[Any, dict]]) -> list[list[str]]:
-    """One row per (StageConfig, metrics dict)."""
+HEADERS = {
+    "clip": ["stage", "model", "params", "budget", "init top-1", "top-1", "top-5", "I->T R@1", "T->I R@1", "FLOPs",
+             "wall"],
+    "llama": ["stage", "model", "params", "budget", "teacher ppl", "init ppl", "val ppl", "val loss", "FLOPs", "wall"],
+}
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def result_rows(stages: Sequence[tuple[Any, dict]], family: str = "clip") -> list[list[str]]:
+    """One row per (StageConfig, metrics dict), under HEADERS[family]."""
     rows = []
     for stage, m in stages:
+        if family == "llama":
+            model = stage.model if isinstance(stage.model, str) else "inline"
+            budget = ", ".join(f"{k}={v}" for k, v in stage.budget.model_dump().items() if v is not None)
+            rows.append([f"{m['stage']}-{m['name']}", model, f"{m['params'] / 1e6:.2f}M",
+                         f"{budget} ({m['steps']} steps)", _num(m.get("teacher_val_ppl")),
+                         _num(m.get("init_val_ppl")), _num(m.get("val_ppl")), _num(m.get("val_loss"), ".4f"),
+                         format_flops(m["flops"]["total"]), f"{m['wall_seconds']:.0f}s"])
+            continue
         r = m.get("retrieval") or {}
         model = stage.model if isinstance(stage.model, str) else "inline"
         budget = ", ".join(f"{k}={v}" for k, v in stage.budget.model_dump().items() if v is not None)
@@ -32,12 +49,12 @@ def result_rows(stages: Sequence[tuple[Any, dict]]) -> list[list[str]]:
     return rows
 
 
-def print_table(title: str, rows: list[list[str]]) -> None:
+def print_table(title: str, rows: list[list[str]], family: str = "clip") -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for c in COLUMNS:
+    for c in HEADERS[family]:
         table.add_column(c, justify="left" if c in ("stage", "model", "budget") else "right")
     for row in rows:
         table.add_row(*row)
@@ -47,8 +64,8 @@ def print_table(title: str, rows: list[list[str]]) -> None:
     console.print(table)
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown_table(rows: list[list[str]], family: str = "clip") -> str:
+    lines = ["| " + " | ".join(HEADERS[family]) + " |", "|" + "---|" * len(HEADERS[family])]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -73,9 +90,10 @@ def plot_loss(path: Path, curve: list[dict[str, float]], title: str) -> None:
     steps = [c["step"] for c in curve]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [c["loss"] for c in curve], label="total")
-    ax.plot(steps, [c["contrastive"] for c in curve], label="contrastive")
-    if any(c["alignment"] for c in curve):
-        ax.plot(steps, [c["alignment"] for c in curve], label="alignment")
+    task, transfer = [key for key in curve[0] if key not in ("step", "loss", "lr")]  # e.g. contrastive, alignment
+    ax.plot(steps, [c[task] for c in curve], label=task)
+    if any(c[transfer] for c in curve):
+        ax.plot(steps, [c[transfer] for c in curve], label=transfer)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

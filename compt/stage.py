@@ -15,21 +15,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from compt.clip.grow import plan_tensor
 from compt.checkpoint import StageCheckpointer, StageInterrupted, StopRequest, any_rank
-from compt.faults import (Counters, StageFailed, bad_data_message, gather_examples, nonfinite_message,
-                          sum_across_ranks, too_much_bad_data)
-from compt.clip.model import build_clip, export_name_and_tensor, load_into, preprocess_for, write_model_config
 from compt.config import ChainConfig
 from compt.engine import build_engine, stage_ds_config, zero_stage
-from compt.evaluate import embedding_cosine, evaluate
-from compt.flops import count_sample_flops
-from compt.loader import Batch, eval_loader, train_loader
+from compt.families import family_of
+from compt.faults import (Counters, StageFailed, bad_data_message, gather_examples, nonfinite_message,
+                          sum_across_ranks, too_much_bad_data)
 from compt.kernels import expand_flat_slice
-from compt.losses import ChainLoss
 from compt.report import plot_loss, write_loss_csv
 from compt.rundir import RunDir, write_json
 from compt.weights import open_lazy, save_zero3_module, sha256_file
@@ -57,39 +51,35 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def load_teacher(prev: StageResult) -> torch.nn.Module:
-    teacher = build_clip(prev.model_cfg)
-    load_into(teacher, load_file(str(prev.weights)))
-    teacher.eval().requires_grad_(False)
-    return teacher
+def init_student(model_cfg: dict, teacher_cfg: dict | None, seed: int, zero3_config: dict | None,
+                 init_needed: bool = True, family=None):
+    """The student with its library's own initialisation, partitioned by ZeRO-3 when asked.
 
-
-def init_student(model_cfg: dict, align_to_dim: int | None, seed: int, zero3_config: dict | None,
-                 init_needed: bool = True):
-    """The student with open_clip's own initialisation, partitioned by ZeRO-3 when asked.
-
-    Built in full and then handed to ``zero.Init(module=...)``: open_clip initialises
-    nested modules (attention, text embeddings) after they are constructed, and a
-    module constructed inside ``with zero.Init()`` is partitioned before those inits
-    run, silently leaving PyTorch's defaults. The same seed on every rank gives the
-    same weights whatever the rank count. When every weight will be overwritten anyway
+    Built in full and then handed to ``zero.Init(module=...)``: open_clip (and
+    transformers) initialise nested modules after they are constructed, and a module
+    constructed inside ``with zero.Init()`` is partitioned before those inits run,
+    silently leaving PyTorch's defaults. The same seed on every rank gives the same
+    weights whatever the rank count. When every weight will be overwritten anyway
     (exact growth, or a resumed checkpoint) ``init_needed=False`` builds straight into
-    ZeRO-3 partitions, so no rank ever holds the full model.
+    ZeRO-3 partitions where the family allows it, so no rank ever holds the full model.
+    ``teacher_cfg``: the predecessor's config when the student aligns to it (CLIP adds a
+    projection when embedding widths differ).
     """
     import deepspeed
 
+    family = family or family_of("clip")
     torch.manual_seed(seed)
-    if zero3_config is not None and not init_needed:
+    if zero3_config is not None and not init_needed and family.partitioned_build_ok:
         with deepspeed.zero.Init(config_dict_or_path=zero3_config):
-            return build_clip(model_cfg, align_to_dim=align_to_dim)
-    model = build_clip(model_cfg, align_to_dim=align_to_dim)
+            return family.build(model_cfg, teacher_cfg)
+    model = family.build(model_cfg, teacher_cfg)
     if zero3_config is not None:
         deepspeed.zero.Init(module=model, config_dict_or_path=zero3_config)
     return model
 
 
 def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transfer, seed: int, zero3: bool,
-              backend: str = "auto") -> int:
+              backend: str = "auto", family=None) -> int:
     """Initialise the student from the predecessor's safetensors (read lazily, tensor by tensor).
 
     Under ZeRO-3 every rank computes only its own partition of each grown parameter,
@@ -99,10 +89,11 @@ def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transf
     picks the fused Triton expansion kernel (auto: on a GPU) or the PyTorch reference.
     Returns the number of student tensors that received teacher weights.
     """
+    family = family or family_of("clip")
     changed = 0
     with open_lazy(prev.weights) as small:
         for name, p in model.named_parameters():
-            plan = plan_tensor(name, prev.model_cfg, model_cfg, transfer.init, transfer.noise, seed)
+            plan = family.plan(name, prev.model_cfg, model_cfg, transfer.init, transfer.noise, seed)
             if plan is None or any(src not in small for src in plan.sources):
                 continue
             with torch.no_grad():
@@ -124,31 +115,9 @@ def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transf
     return changed
 
 
-def _teacher_out(teacher, batch: Batch):
-    with torch.no_grad():
-        return teacher(*batch.teacher_inputs())
-
-
-def _init_metrics(engine, prev: StageResult, teacher, pre, val_ds, cfg: ChainConfig) -> dict[str, Any]:
-    """Where the grown student starts, before its first step: embedding cosine to the
-    predecessor on one validation batch, and zero-shot top-1."""
-    probe = teacher if teacher is not None else load_teacher(prev)
-    probe_pre = preprocess_for(prev.model_cfg)
-    size = min(cfg.eval.batch_size, len(val_ds))
-    first = next(iter(eval_loader(val_ds, pre, size)))
-    if probe_pre.key != pre.key:
-        tb = next(iter(eval_loader(val_ds, probe_pre, size)))
-        first.teacher_images, first.teacher_texts = tb.images, tb.texts
-    engine.eval()
-    cosine = embedding_cosine(engine, probe, first)
-    init = evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, retrieval=False)
-    engine.train()
-    return {"init_cosine": cosine, "init_zeroshot_top1": init["zeroshot_top1"]}
-
-
-def _train_loop(engine, loader, loss_fn, teacher, *, steps: int, start: int, curve: list, settings,
+def _train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, curve: list, settings,
                 checkpointer: StageCheckpointer, client: dict, counters: Counters, max_bad_fraction: float,
-                label: str, rank: int) -> None:
+                label: str, rank: int, names: tuple[str, str]) -> None:
     """Steps ``start``..``steps``; appends to ``curve``; checkpoints and honours SIGTERM/SIGINT.
 
     A step whose loss is NaN/Inf on any rank is skipped (no backward, no optimizer step; with
@@ -166,8 +135,7 @@ def _train_loop(engine, loader, loss_fn, teacher, *, steps: int, start: int, cur
     step_finite, step_bad = True, 0
     with StopRequest() as stop:
         for micro, batch in enumerate(loader):
-            out = engine(batch.images, batch.texts)
-            parts = loss_fn(out, _teacher_out(teacher, batch) if teacher is not None else None)
+            parts = loss_step(engine, batch, teacher)
             step_bad += len(batch.bad)
             counters.remember(batch.bad)
             finite = not any_rank(not bool(torch.isfinite(parts.total)))[0]
@@ -188,8 +156,7 @@ def _train_loop(engine, loader, loss_fn, teacher, *, steps: int, start: int, cur
             world = _rank_world()[1]
             if step_finite:
                 total, con, ali = total / world, con / world, ali / world
-                curve.append({"step": step, "loss": total, "contrastive": con, "alignment": ali,
-                              "lr": engine.get_lr()[0]})
+                curve.append({"step": step, "loss": total, names[0]: con, names[1]: ali, "lr": engine.get_lr()[0]})
             else:
                 counters.nonfinite_steps += 1
                 if rank == 0:
@@ -234,72 +201,75 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
         out_dir.mkdir(parents=True, exist_ok=True)
         run.update_stage(k, status="running")
 
-    # The student: open_clip init, ZeRO-3 partitioned, grown from the predecessor.
+    # The student: its library's own init, ZeRO-3 partitioned, grown from the predecessor.
+    family = family_of(cfg.family)
     use_teacher = prev is not None and transfer.align and transfer.alpha > 0
-    teacher = load_teacher(prev) if use_teacher else None
+    teacher = family.load_teacher(prev.model_cfg, prev.weights) if use_teacher else None
     overwritten = resuming or (prev is not None and transfer.init == "exact")
-    model = init_student(model_cfg, prev.model_cfg["embed_dim"] if use_teacher else None, cfg.seed + k,
-                         ds_cfg if zero3 else None, init_needed=not overwritten)
+    model = init_student(model_cfg, prev.model_cfg if use_teacher else None, cfg.seed + k,
+                         ds_cfg if zero3 else None, init_needed=not overwritten, family=family)
     grown = 0
     if prev is not None and transfer.init != "none" and not resuming:
         seed = transfer.seed if transfer.seed is not None else cfg.seed + k
-        grown = grow_into(model, prev, model_cfg, transfer, seed, zero3, cfg.kernels)
+        grown = grow_into(model, prev, model_cfg, transfer, seed, zero3, cfg.kernels, family)
     engine = build_engine(model, ds_cfg, settings.weight_decay)
     checkpointer = StageCheckpointer(engine, ckpt_dir, settings.checkpoint_every_steps, settings.checkpoint_minutes,
                                      settings.keep_checkpoints, rank)
-    pre = preprocess_for(model_cfg)
 
     # Step-0 metrics, or everything an interrupted run had reached.
     client = checkpointer.resume() if resuming else None
     if client is None:
         client = {"step": 0, "curve": [], "metrics": {"grown_tensors": grown}}
         if prev is not None:
-            client["metrics"].update(_init_metrics(engine, prev, teacher, pre, val_ds, cfg))
+            probe = teacher if teacher is not None else family.load_teacher(prev.model_cfg, prev.weights)
+            client["metrics"].update(family.init_metrics(engine, prev.model_cfg, probe, model_cfg, val_ds, cfg))
     elif rank == 0:
         print(f"stage {k} {stage.name}: resuming from checkpoint at step {client['step']}")
-    metrics: dict[str, Any] = {"stage": k, "name": stage.name, "steps": steps, "global_batch": settings.batch_size,
-                               "ranks": world, "transfer": transfer.model_dump() if transfer else None,
-                               **client["metrics"]}
+    metrics: dict[str, Any] = {"stage": k, "name": stage.name, "family": family.name, "steps": steps,
+                               "global_batch": settings.batch_size, "ranks": world,
+                               "transfer": transfer.model_dump() if transfer else None, **client["metrics"]}
 
     # Train.
-    t_pre = preprocess_for(prev.model_cfg) if use_teacher else None
-    loader = train_loader(train_ds, pre, t_pre, global_batch=settings.batch_size, steps=steps, rank=rank,
-                          world=world, gas=engine.gradient_accumulation_steps(), seed=cfg.seed + k,
-                          start_step=client["step"])
+    loader = family.train_loader(train_ds, model_cfg, prev.model_cfg if use_teacher else None,
+                                 global_batch=settings.batch_size, steps=steps, rank=rank, world=world,
+                                 gas=engine.gradient_accumulation_steps(), seed=cfg.seed + k,
+                                 start_step=client["step"])
     curve = list(client["curve"])
     counters = Counters.from_state(client.get("counters"))
-    _train_loop(engine, loader, ChainLoss(transfer.alpha if use_teacher else None, rank, world, cfg.kernels), teacher,
+    _train_loop(engine, loader, family.loss(transfer.alpha if use_teacher else None, transfer, rank, world,
+                                            cfg.kernels), teacher,
                 steps=steps, start=client["step"], curve=curve, settings=settings, checkpointer=checkpointer,
-                client={"metrics": client["metrics"]}, counters=counters, max_bad_fraction=cfg.data.max_bad_fraction,
-                label=f"stage {k} {stage.name}", rank=rank)
+                client={"metrics": client["metrics"]}, counters=counters,
+                max_bad_fraction=getattr(cfg.data, "max_bad_fraction", 0.0), label=f"stage {k} {stage.name}",
+                rank=rank, names=family.curve_names)
     metrics.update(counters.metrics())
     train_seconds = time.time() - t0
 
     # Evaluate, count, save.
-    metrics.update(evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, cfg.eval.retrieval))
+    metrics.update(family.evaluate(engine, val_ds, model_cfg, cfg))
     samples = steps * settings.batch_size
-    student_flops = count_sample_flops(model_cfg).train * samples
-    teacher_flops = count_sample_flops(prev.model_cfg).forward * samples if use_teacher else 0
+    student_flops = family.sample_flops(model_cfg, cfg.data)[0] * samples
+    teacher_flops = family.sample_flops(prev.model_cfg, cfg.data)[1] * samples if use_teacher else 0
     metrics["samples_seen"] = samples
     metrics["flops"] = {"student_train": student_flops, "teacher_forward": teacher_flops,
                         "total": student_flops + teacher_flops}
     metrics["final_loss"] = curve[-1]["loss"] if curve else math.nan
     metrics["loss_curve"] = "loss.csv"
     metrics["params"] = sum(getattr(p, "ds_numel", p.numel()) for n, p in engine.module.named_parameters()
-                            if not n.startswith("align_proj."))
+                            if family.is_exported(n))
     weights = out_dir / "model.safetensors"
     try:
         sha = save_zero3_module(engine.module, weights, metadata={"format": "pt", "compt_stage": stage.name},
-                                rename=export_name_and_tensor)
+                                rename=family.export_name)
         metrics["wall_seconds"] = time.time() - t0
         metrics["train_seconds"] = train_seconds
         if rank == 0:
-            write_model_config(out_dir / "config.json", model_cfg)
+            family.write_config(out_dir / "config.json", model_cfg)
             write_loss_csv(out_dir / "loss.csv", curve)
             plot_loss(out_dir / "loss.png", curve, title=f"stage {k}: {stage.name}")
             write_json(out_dir / "metrics.json", metrics)
             run.update_stage(k, status="done", weights=str(weights.relative_to(run.root)), sha256=sha,
-                             metrics=summary(metrics))
+                             metrics=summary(metrics, family))
     except OSError as e:  # disk full, quota: every write above goes to a tmp name first
         raise StageFailed(f"stage {k} {stage.name}: could not write its results to {out_dir}: {e}. Files written "
                           "earlier are intact and the stage's checkpoints are kept; free disk space and run the same "
@@ -331,16 +301,13 @@ def finished_stage(run: RunDir, cfg: ChainConfig, k: int) -> StageResult | None:
     return StageResult(k, entry["name"], cfg.model_cfg(k), out_dir, weights, entry["sha256"], metrics)
 
 
-def summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    r = metrics.get("retrieval") or {}
+def summary(metrics: dict[str, Any], family=None) -> dict[str, Any]:
+    """The manifest's per-stage summary: the family's quality figures plus cost."""
+    family = family or family_of(metrics.get("family", "clip"))
     return {
-        "zeroshot_top1": metrics.get("zeroshot_top1"),
-        "zeroshot_top5": metrics.get("zeroshot_top5"),
-        "i2t_R@1": (r.get("image_to_text") or {}).get("R@1"),
-        "t2i_R@1": (r.get("text_to_image") or {}).get("R@1"),
+        **family.summary(metrics),
         "flops_total": metrics["flops"]["total"],
         "wall_seconds": metrics["wall_seconds"],
         "params": metrics.get("params"),
         "samples_seen": metrics.get("samples_seen"),
-        "init_zeroshot_top1": metrics.get("init_zeroshot_top1"),
     }

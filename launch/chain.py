@@ -53,6 +53,20 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def build_data(cfg, run: RunDir, rank: int):
+    import torch.distributed as dist
+
+    if cfg.family == "clip":
+        return build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    from compt.text import build_text_datasets
+
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            train, val, _ = build_text_datasets(cfg.data, run.root / "tokenizer")
+        dist.barrier()
+    return train, val
+
+
 def main() -> int:
     args = parse_args()
     # 1. Validate everything before any compute.
@@ -75,8 +89,8 @@ def main() -> int:
     import torch.distributed as dist
     dist.barrier()
 
-    # 3. Data, shared by all stages.
-    train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    # 3. Data, shared by all stages (text: rank 0 trains the run's tokenizer, the others then load it).
+    train_ds, val_ds = build_data(cfg, run, rank)
     if rank == 0:
         print(f"chain '{cfg.name}': {len(cfg.stages)} stages, {len(train_ds)} train / {len(val_ds)} val samples, "
               f"{world} rank(s), run dir {run.root}")
@@ -103,9 +117,9 @@ def main() -> int:
 
     # 5. The final table.
     if rank == 0:
-        rows = result_rows([(s, m) for s, m, _ in done])
-        print_table(f"chain '{cfg.name}' ({world} rank(s))", rows)
-        atomic_write_text(run.root / "results.md", markdown_table(rows))
+        rows = result_rows([(s, m) for s, m, _ in done], cfg.family)
+        print_table(f"chain '{cfg.name}' ({world} rank(s))", rows, cfg.family)
+        atomic_write_text(run.root / "results.md", markdown_table(rows, cfg.family))
         print(f"results: {run.root / 'results.md'}, manifest: {run.manifest_path}")
     return 0
 

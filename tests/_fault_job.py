@@ -21,9 +21,9 @@ args = opts.parse_args(sys.argv[1:split])
 nan_calls = {int(c) for c in args.nan_calls.split(",") if c}
 
 if nan_calls:
-    import compt.stage
+    import compt.clip.family
 
-    class PoisonedLoss(compt.stage.ChainLoss):
+    class PoisonedLoss(compt.clip.family.ChainLoss):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             self.calls = 0
@@ -35,7 +35,7 @@ if nan_calls:
                 parts.total = parts.total * float("nan")
             return parts
 
-    compt.stage.ChainLoss = PoisonedLoss
+    compt.clip.family.ChainLoss = PoisonedLoss
 
 spec = importlib.util.spec_from_file_location("chain_launcher", REPO / "launch" / "chain.py")
 chain = importlib.util.module_from_spec(spec)
