@@ -217,35 +217,38 @@ def chain_problems(cfg: ChainConfig) -> list[str]:
 
 
 def _llama_problems(cfg: ChainConfig) -> list[str]:
+    from compt.llama.grow import exact_config
     from compt.llama.grow import growth_problem as llama_growth_problem
-    from compt.llama.model import llama_config_problem
+    from compt.llama.model import llama_config_problem, resolve_llama_config
 
     problems: list[str] = []
     if not isinstance(cfg.data, TextDataConfig):
         return ["data: a llama chain trains on text; give data.kind pydoc, text, jsonl or hf"]
-    ok = True
+    effective: list[dict | None] = []  # what each stage builds (exact growth rescales the norm eps)
     for k, stage in enumerate(cfg.stages):
         p = llama_config_problem(stage.model)
         if p:
             problems.append(f"stages.{k}.model: {p}")
-            ok = False
+            effective.append(None)
             continue
         if k == 0 and stage.transfer is not None:
             problems.append("stages.0.transfer: the first stage has no predecessor; remove 'transfer'")
-        m = cfg.model_cfg(k) if ok else None
-        if m is None:
-            continue
+        m = resolve_llama_config(stage.model)
+        mode = cfg.transfer(k).init if k > 0 else "none"
+        if mode != "none" and effective[k - 1] is not None:
+            p = llama_growth_problem(effective[k - 1], m, mode)
+            if p:
+                problems.append(f"stages.{k}.transfer.init: {mode} growth is impossible here: {p}; "
+                                "use another mode or change the model")
+            elif mode == "exact":
+                m = exact_config(effective[k - 1], m)
         if m["vocab_size"] < cfg.data.vocab_size:
             problems.append(f"stages.{k}.model.vocab_size: {m['vocab_size']} is below data.vocab_size "
                             f"{cfg.data.vocab_size} (the tokenizer's size); raise it to at least {cfg.data.vocab_size}")
         if m["max_position_embeddings"] < cfg.data.seq_len:
             problems.append(f"stages.{k}.model.max_position_embeddings: {m['max_position_embeddings']} is below "
                             f"data.seq_len {cfg.data.seq_len}; raise it or lower data.seq_len")
-        if k > 0 and cfg.transfer(k).init != "none":
-            p = llama_growth_problem(cfg.model_cfg(k - 1), m, cfg.transfer(k).init)
-            if p:
-                problems.append(f"stages.{k}.transfer.init: {cfg.transfer(k).init} growth is impossible here: {p}; "
-                                "use another mode or change the model")
+        effective.append(m)
     return problems
 
 

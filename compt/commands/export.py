@@ -1,5 +1,6 @@
 """``compt export``: a finished stage (or the whole family) in open_clip's and transformers'
-Hub formats with a model card, optionally uploaded to the Hugging Face Hub.
+Hub formats (CLIP) or as a transformers save_pretrained folder (LLaMA) with a model card,
+optionally uploaded to the Hugging Face Hub.
 
     compt export RUN_DIR/stages/<k>-<name> --out DIR [--format open_clip|transformers|both]
                  [--license ID] [--push-to-hub ORG/NAME [--private] [--revision R]] [--dry-run]
@@ -8,6 +9,7 @@ Hub formats with a model card, optionally uploaded to the Hugging Face Hub.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,8 +27,28 @@ def _error(msg: str) -> int:
     return 2
 
 
+def _exporter(path: Path, whole_run: bool):
+    """(module, default --format): compt.llama.export for a LLaMA run (manifest config family
+    'llama', or a stage whose config.json is a LlamaConfig), else compt.clip.export. Both
+    modules have the same read_stage/read_run/export API."""
+    import compt.clip.export
+    import compt.llama.export
+    from compt.llama.model import is_llama_config
+
+    run = path if whole_run else path.resolve().parent.parent
+    if compt.llama.export.is_llama_run(run):
+        return compt.llama.export, "transformers"
+    try:
+        stage_cfg = json.loads((path / "config.json").read_text()) if not whole_run else None
+    except (OSError, ValueError):
+        stage_cfg = None
+    if isinstance(stage_cfg, dict) and is_llama_config(stage_cfg):
+        return compt.llama.export, "transformers"
+    return compt.clip.export, "both"
+
+
 def run(args: argparse.Namespace) -> int:
-    from compt.clip.export import ExportError, export, hub_token_available, push_folder, read_run, read_stage
+    from compt.clip.export import ExportError, hub_token_available, push_folder
 
     if (args.private or args.revision) and not args.push_to_hub:
         return _error("--private and --revision only apply with --push-to-hub ORG/NAME")
@@ -37,10 +59,12 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"{path} is a run directory; pass RUN_DIR/stages/<k>-<name>, or add --all for every stage")
     if args.push_to_hub and not args.dry_run and not hub_token_available():
         return _error("no Hugging Face token found; set HF_TOKEN or run `hf auth login`, then retry")
+    exporter, default_format = _exporter(path, args.all)
+    fmt = args.format or default_format
     try:
-        stages = read_run(path) if args.all else [read_stage(path)]
-        result = export(stages, args.out, fmt=args.format, license=args.license, family=args.all,
-                        repo_id=args.push_to_hub, dry_run=args.dry_run)
+        stages = exporter.read_run(path) if args.all else [exporter.read_stage(path)]
+        result = exporter.export(stages, args.out, fmt=fmt, license=args.license, family=args.all,
+                                 repo_id=args.push_to_hub, dry_run=args.dry_run)
     except ExportError as e:
         return _error(str(e))
 
@@ -80,11 +104,13 @@ def _scrub(text: str) -> str:
 
 
 def register(sub) -> None:
-    ex = sub.add_parser("export", help="export a finished stage (or --all) to open_clip/transformers Hub formats")
+    ex = sub.add_parser("export", help="export a finished stage (or --all) to open_clip/transformers Hub formats "
+                                       "(LLaMA: transformers)")
     ex.add_argument("path", help="RUN_DIR/stages/<k>-<name>, or RUN_DIR with --all")
     ex.add_argument("--all", action="store_true", help="export every stage of RUN_DIR plus a family card")
     ex.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    ex.add_argument("--format", choices=["open_clip", "transformers", "both"], default="both")
+    ex.add_argument("--format", choices=["open_clip", "transformers", "both"], default=None,
+                    help="CLIP: open_clip, transformers or both (default); LLaMA: transformers only (default)")
     ex.add_argument("--license", default="other", help="license id for the model card header (default: other)")
     ex.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                     help="upload the export to this Hub model repo (token: HF_TOKEN or `hf auth login`)")

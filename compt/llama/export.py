@@ -1,0 +1,380 @@
+"""Export finished LLaMA chain stages as transformers ``save_pretrained`` folders (config.json,
+model.safetensors, the run's tokenizer, a model card) that AutoModelForCausalLM loads offline.
+
+The stage's weights already carry LlamaForCausalLM names, so they are copied byte for byte once
+their sha256, names and shapes are checked. As for CLIP, everything is checked before anything
+is written, and the export is built in a temporary folder renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compt.clip.export import (ExportError, ExportResult, FinishedStage, _check_out, _first_missing,
+                               _normal_permissions, _read_json, _read_manifest)
+from compt.weights import sha256_file
+
+FORMATS = ("transformers",)
+TOKENIZER_DIR = "tokenizer"  # <run>/tokenizer/tokenizer.json, shared by every stage
+TAGS = ["llama", "compt", "chain-of-models", "transformers"]
+DEFAULT_SEQ_LEN = 128  # compt.text.TextDataConfig.seq_len's default
+
+
+# ---------------------------------------------------------------------------
+# A finished stage of a LLaMA run directory.
+# ---------------------------------------------------------------------------
+
+def read_stage(stage_dir: str | Path) -> FinishedStage:
+    """A stage the manifest marks done, its weights checked against the recorded sha256 and
+    against LlamaForCausalLM(config.json)'s tensor names and shapes."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        raise ExportError(f"{stage_dir} is not a directory; pass RUN_DIR/stages/<k>-<name>")
+    run = stage_dir.resolve().parent.parent
+    manifest = _read_manifest(run)
+    entries = [e for e in manifest["stages"] if (run / e.get("dir", "")).resolve() == stage_dir.resolve()]
+    if not entries:
+        raise ExportError(f"{stage_dir} is not a stage listed in {run / 'manifest.json'}; "
+                          "pass RUN_DIR/stages/<k>-<name>")
+    return _stage_from_entry(run, manifest, entries[0])
+
+
+def read_run(run_dir: str | Path) -> list[FinishedStage]:
+    """Every stage of a run, all finished and intact, or one error naming each problem."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ExportError(f"{run} is not a directory; pass a run directory (the launcher's --output)")
+    manifest = _read_manifest(run)
+    stages, problems = [], []
+    for entry in manifest["stages"]:
+        try:
+            stages.append(_stage_from_entry(run, manifest, entry))
+        except ExportError as e:
+            problems.append(str(e))
+    if problems:
+        raise ExportError("cannot export the whole family:\n" + "\n".join(f"  - {p}" for p in problems))
+    return stages
+
+
+def _stage_from_entry(run: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> FinishedStage:
+    from compt.llama.model import resolve_llama_config
+
+    label = f"stage {Path(entry['dir']).name}"
+    if entry.get("status") != "done":
+        raise ExportError(f"{label} has status '{entry.get('status')}' in {run / 'manifest.json'}; only finished "
+                          "('done') stages can be exported: finish the chain first (rerun the launcher with the "
+                          "same --output)")
+    weights = run / (entry.get("weights") or f"{entry['dir']}/model.safetensors")
+    if not weights.is_file():
+        raise ExportError(f"{label}: weights file {weights} is missing")
+    if not entry.get("sha256") or sha256_file(weights) != entry["sha256"]:
+        raise ExportError(f"{label}: weights file {weights} does not match the sha256 in the manifest "
+                          "(corrupt or replaced); retrain the stage (rerun the launcher with the same --output)")
+    stage_dir = run / entry["dir"]
+    config_path = stage_dir / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"{label}: model config {config_path} is missing")
+    try:
+        model_cfg = resolve_llama_config(config_path)
+    except ValueError as e:
+        raise ExportError(f"{label}: model config {config_path}: {e}") from e
+    _check_weights(label, weights, model_cfg)
+    # metrics.json is optional here: the card shows what is there.
+    metrics_path = stage_dir / "metrics.json"
+    metrics = _read_json(metrics_path, f"{label}: metrics") if metrics_path.is_file() else {}
+    return FinishedStage(run, int(entry["index"]), entry["name"], stage_dir, weights, entry["sha256"],
+                         model_cfg, metrics, manifest)
+
+
+def _check_weights(label: str, weights: Path, model_cfg: dict[str, Any]) -> None:
+    """The file holds exactly LlamaForCausalLM(model_cfg)'s stored tensors, so the copy loads strictly."""
+    from compt.llama.model import llama_state_shapes
+    from compt.weights import open_lazy
+
+    want = llama_state_shapes(model_cfg)
+    try:
+        with open_lazy(weights) as src:
+            got = {k: src.shape(k) for k in src.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ExportError(f"{label}: weights file {weights} is not a readable safetensors file ({e})") from e
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    wrong = sorted(f"{k} {list(got[k])} (config.json says {list(want[k])})"
+                   for k in set(want) & set(got) if tuple(got[k]) != tuple(want[k]))
+    if missing or unexpected or wrong:
+        parts = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if names]
+        raise ExportError(f"{label}: weights file {weights} does not hold LlamaForCausalLM(config.json)'s "
+                          f"tensors ({'; '.join(parts)}): the weights and config.json are from different models; "
+                          "retrain the stage (rerun the launcher with the same --output)")
+
+
+def tokenizer_path(stage: FinishedStage) -> Path:
+    return stage.run / TOKENIZER_DIR / "tokenizer.json"
+
+
+def _check_tokenizer(stage: FinishedStage) -> None:
+    path = tokenizer_path(stage)
+    if not path.is_file():
+        raise ExportError(f"stage {stage.folder}: the run's tokenizer {path} is missing; the text data writes it "
+                          "when the chain trains: rerun the launcher with the same --output")
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size()
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        raise ExportError(f"stage {stage.folder}: the run's tokenizer {path} is not readable ({e})") from e
+    if size > stage.model_cfg["vocab_size"]:
+        raise ExportError(f"stage {stage.folder}: the tokenizer {path} has {size} tokens but config.json's "
+                          f"vocab_size is {stage.model_cfg['vocab_size']}: the tokenizer is not this model's; "
+                          "restore the run's tokenizer/ folder")
+
+
+# ---------------------------------------------------------------------------
+# transformers' save_pretrained layout.
+# ---------------------------------------------------------------------------
+
+def _metadata_is_pt(weights: Path) -> bool:
+    from compt.weights import open_lazy
+
+    with open_lazy(weights) as src:
+        return src.metadata().get("format") == "pt"
+
+
+def write_transformers(stage: FinishedStage, out: Path) -> list[str]:
+    """config.json, generation_config.json, model.safetensors (the stage's file, byte for byte) and
+    the tokenizer files; returns notes."""
+    from transformers import GenerationConfig, LlamaConfig
+
+    from compt.text import as_transformers
+
+    notes = []
+    config = LlamaConfig(**stage.model_cfg)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(str(out))
+    if _metadata_is_pt(stage.weights):
+        shutil.copyfile(stage.weights, out / "model.safetensors")
+    else:
+        # transformers 4.x refuses a safetensors file without metadata format "pt" (5.x does not);
+        # the export is for whatever version its users have.
+        from safetensors.torch import load_file, save_file
+
+        save_file(load_file(str(stage.weights)), str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    tokenizer = as_transformers(tokenizer_path(stage))
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(str(out))
+    for name in ("bos", "eos"):
+        ids = getattr(config, f"{name}_token_id"), getattr(tokenizer, f"{name}_token_id")
+        if ids[0] != ids[1]:
+            notes.append(f"stage {stage.folder}: config.json's {name}_token_id {ids[0]} is not the tokenizer's "
+                         f"{getattr(tokenizer, f'{name}_token')} id {ids[1]}")
+    generation = GenerationConfig.from_model_config(config)
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(str(out))
+    return notes
+
+
+# ---------------------------------------------------------------------------
+# Model cards.
+# ---------------------------------------------------------------------------
+
+def _metadata_header(license: str) -> str:
+    meta = {"library_name": "transformers", "license": license, "pipeline_tag": "text-generation", "tags": TAGS}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _seq_len(stage: FinishedStage) -> int:
+    return int((stage.manifest["config"].get("data") or {}).get("seq_len") or DEFAULT_SEQ_LEN)
+
+
+def _params(cfg: dict[str, Any]) -> int:
+    from compt.llama.model import llama_state_shapes
+
+    total = 0
+    for shape in llama_state_shapes(cfg).values():
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+    return total
+
+
+def _architecture(cfg: dict[str, Any]) -> list[str]:
+    heads = f"{cfg['num_attention_heads']} query heads, {cfg['num_key_value_heads']} key/value heads"
+    return [
+        f"| architecture | LlamaForCausalLM: width {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
+        f"{heads}, head dim {cfg['head_dim']}, MLP width {cfg['intermediate_size']} |",
+        f"| vocabulary | {cfg['vocab_size']:,} ({'tied' if cfg.get('tie_word_embeddings') else 'untied'} "
+        "input/output embeddings) |",
+        f"| parameters | {_params(cfg):,} |",
+    ]
+
+
+def _flops_rows(stage: FinishedStage) -> list[str]:
+    from compt.flops import format_flops
+    from compt.model_card import _flops
+    from compt.llama.flops import count_sequence_flops
+
+    seq_len = _seq_len(stage)
+    per_seq = count_sequence_flops(stage.model_cfg, seq_len)
+    rows = [f"| FLOPs per training sequence ({seq_len} tokens) | training {format_flops(per_seq.train)}, "
+            f"forward {format_flops(per_seq.forward)} |"]
+    flops = stage.metrics.get("flops") or {}
+    if flops.get("total") is not None:
+        rows.append(f"| FLOPs, this stage | {_flops(flops['total'])} (student training "
+                    f"{_flops(flops.get('student_train'))}, teacher forward {_flops(flops.get('teacher_forward'))}) |")
+    totals = [(e.get("metrics") or {}).get("flops_total") for e in stage.manifest["stages"][:stage.index + 1]]
+    if totals and all(t is not None for t in totals):
+        rows.append(f"| FLOPs, chain up to this model | {_flops(sum(totals))} |")
+    return rows
+
+
+def _load_snippet(repo_id: str | None, subfolder: str | None) -> list[str]:
+    where = f'"{repo_id}"' if repo_id else '"path/to/this/folder"'
+    sub = f', subfolder="{subfolder}"' if repo_id and subfolder else ""
+    return ["## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"model = AutoModelForCausalLM.from_pretrained({where}{sub})",
+            f"tokenizer = AutoTokenizer.from_pretrained({where}{sub})",
+            'inputs = tokenizer("def main():", return_tensors="pt")',
+            "logits = model(**inputs).logits",
+            "```", "", "The tokenizer is the run's own byte-level BPE (`<s>` is prepended, as in LLaMA).", ""]
+
+
+def stage_card(stage: FinishedStage, license: str = "other", repo_id: str | None = None,
+               subfolder: str | None = None) -> str:
+    """README.md for one exported LLaMA model."""
+    from compt.model_card import _budget, _flat, _fmt, _predecessor
+
+    n = len(stage.manifest["stages"])
+    chain_path = " -> ".join(
+        (f"**{e.get('dir', '').split('/')[-1]}**" if e["index"] == stage.index else e.get("dir", "").split("/")[-1])
+        for e in stage.manifest["stages"])
+    prev = _predecessor(stage)
+    data = stage.manifest["config"].get("data") or {}
+    lines = [
+        _metadata_header(license),
+        f"# {stage.chain} / {stage.folder}",
+        "",
+        f"A LLaMA-architecture causal language model, stage {stage.index} of {n} of the chain `{stage.chain}`, "
+        "trained with compt (Chain-of-Models Pre-Training on DeepSpeed): each model of the family starts from "
+        "its trained predecessor (growth in parameter space) and trains a short budget on the chain's text data, "
+        "with its predecessor as a distillation teacher.",
+        "",
+        "## Model", "", "| | |", "|---|---|", *_architecture(stage.model_cfg), "",
+        "## Chain lineage", "", f"Chain: {chain_path}", "", "| | |", "|---|---|",
+        f"| predecessor | {f'`{prev}`' if prev else 'none: first model of the chain'} |",
+        f"| budget | {_budget(stage)} |",
+        f"| training data | {data.get('kind', 'n/a')}, sequences of {_seq_len(stage)} tokens |",
+        *_flops_rows(stage), "",
+    ]
+    rows = _flat({k: v for k, v in stage.metrics.items() if k not in {"stage", "name", "flops", "ranks"}})
+    if rows:
+        lines += ["## Metrics", "", "From the stage's `metrics.json`.", "", "| metric | value |", "|---|---|",
+                  *[f"| {k} | {_fmt(v)} |" for k, v in rows], ""]
+    lines += _load_snippet(repo_id, subfolder)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def family_card(stages: list[FinishedStage], license: str = "other", repo_id: str | None = None) -> str:
+    """README.md for a whole exported LLaMA chain: one row per model folder."""
+    from compt.flops import format_flops
+    from compt.llama.flops import count_sequence_flops
+    from compt.model_card import _budget, _predecessor
+
+    first = stages[0]
+    seq_len = _seq_len(first)
+    lines = [
+        _metadata_header(license),
+        f"# {first.chain}: a LLaMA model family",
+        "",
+        f"{len(stages)} causal language models trained as a chain with compt (Chain-of-Models Pre-Training), "
+        "smallest first: each model starts from its trained predecessor and distils from it. "
+        "One folder per model, each with its own model card.",
+        "",
+        f"| folder | params | predecessor | budget | training FLOPs per {seq_len}-token sequence |",
+        "|---|---|---|---|---|",
+    ]
+    for s in stages:
+        lines.append(f"| [`{s.folder}`]({s.folder}/README.md) | {_params(s.model_cfg):,} | {_predecessor(s) or '-'} "
+                     f"| {_budget(s).split(' (')[0]} "
+                     f"| {format_flops(count_sequence_flops(s.model_cfg, seq_len).train)} |")
+    sub = stages[-1].folder
+    lines += [""] + _load_snippet(repo_id, sub if repo_id else None)
+    if not repo_id:
+        lines = [ln.replace("path/to/this/folder", f"path/to/this/folder/{sub}") for ln in lines]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------
+# One export: stages -> a folder (or a listing, for --dry-run).
+# ---------------------------------------------------------------------------
+
+def _check_format(stage: FinishedStage, fmt: str | None) -> None:
+    if fmt not in (None, *FORMATS):
+        raise ExportError(f"stage {stage.folder} is a LLaMA model: --format {fmt} is for CLIP models; LLaMA stages "
+                          "export only as --format transformers (the default for LLaMA): drop --format or pass "
+                          "--format transformers")
+
+
+def export(stages: list[FinishedStage], out: str | Path, fmt: str | None = "transformers", license: str = "other",
+           family: bool = False, repo_id: str | None = None, dry_run: bool = False) -> ExportResult:
+    """Write one save_pretrained folder per model (``family``: subfolders plus a family card) at ``out``.
+
+    Same contract as compt.clip.export.export: ``repo_id`` only shapes the cards' loading
+    instructions; ``dry_run`` builds the export in a temporary folder, lists and deletes it.
+    """
+    out = Path(out)
+    _check_out(out)
+    for stage in stages:  # every check before any write
+        _check_format(stage, fmt)
+        _check_tokenizer(stage)
+
+    created = _first_missing(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    notes: list[str] = []
+    try:
+        for stage in stages:
+            folder = tmp / stage.folder if family else tmp
+            folder.mkdir(exist_ok=True)
+            notes += write_transformers(stage, folder)
+            (folder / "README.md").write_text(stage_card(stage, license=license, repo_id=repo_id,
+                                                         subfolder=stage.folder if family else None))
+        if family:
+            (tmp / "README.md").write_text(family_card(stages, license=license, repo_id=repo_id))
+        _normal_permissions(tmp)
+        files = sorted((str(p.relative_to(tmp)), p.stat().st_size) for p in tmp.rglob("*") if p.is_file())
+        if dry_run:
+            shutil.rmtree(tmp)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            return ExportResult(out, files, notes, written=False)
+        _check_out(out)  # still free?
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return ExportResult(out, files, notes, written=True)
+
+
+def is_llama_run(run: Path) -> bool:
+    """Whether ``run``'s manifest describes a LLaMA chain (config family 'llama')."""
+    try:
+        manifest = json.loads((run / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    return isinstance(config, dict) and config.get("family") == "llama"
