@@ -5,6 +5,8 @@ Follows METHOD.md, "Cost accounting": a stage costs samples x (student forward+b
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 
 from compt.flops import SampleFlops, analytic_sample_flops, count_sample_flops
@@ -58,16 +60,15 @@ class ChainCost:
 
 def chain_cost(recipe: Recipe) -> ChainCost:
     """Every model's baseline and chain cost, counted on the meta device and cross-checked analytically."""
-    from compt.clip.model import count_params
-
+    count, analytic, count_params = _counters(recipe)
     models, diffs = [], []
     analytic_ok = True
     for k, m in enumerate(recipe.models):
-        student = count_sample_flops(m.config, recipe.captions_per_image)
+        student = count(m.config)
         teacher_cfg = recipe.models[k - 1].config if k > 0 and m.teacher else None
-        teacher = count_sample_flops(teacher_cfg, recipe.captions_per_image) if teacher_cfg else None
-        a_student = _analytic(m.config, recipe.captions_per_image)
-        a_teacher = _analytic(teacher_cfg, recipe.captions_per_image) if teacher_cfg else None
+        teacher = count(teacher_cfg) if teacher_cfg else None
+        a_student = analytic(m.config)
+        a_teacher = analytic(teacher_cfg) if teacher_cfg else None
         if a_student is None or (teacher_cfg and a_teacher is None):
             analytic_ok = False
         else:
@@ -104,6 +105,23 @@ def chain_cost(recipe: Recipe) -> ChainCost:
         analytic_acceleration=analytic_ratio,
         analytic_max_rel_diff=max(diffs) if analytic_ok and diffs else None,
     )
+
+
+def _counters(recipe: Recipe):
+    """(counted per sample, analytic per sample or None, parameter count) for the recipe's family."""
+    if recipe.family == "llama":
+        from compt.llama.flops import analytic_sequence_flops, count_sequence_flops
+        from compt.llama.model import llama_state_shapes
+
+        def params(cfg: dict) -> int:
+            return sum(math.prod(shape) for shape in llama_state_shapes(cfg).values())
+
+        return (lambda cfg: count_sequence_flops(cfg, recipe.seq_len),
+                lambda cfg: analytic_sequence_flops(cfg, recipe.seq_len), params)
+    from compt.clip.model import count_params
+
+    return (lambda cfg: count_sample_flops(cfg, recipe.captions_per_image),
+            lambda cfg: _analytic(cfg, recipe.captions_per_image), count_params)
 
 
 def _analytic(cfg: dict | None, captions: int) -> SampleFlops | None:

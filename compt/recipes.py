@@ -32,6 +32,8 @@ class Recipe:
     samples_per_epoch: int | None = None
     captions_per_image: int = 1  # each sample's text tower runs this many times
     source: str = ""
+    family: str = "clip"  # llama: a sample is one training sequence of seq_len tokens
+    seq_len: int | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -125,16 +127,25 @@ def recipe_from_chain(chain: str, baseline_epochs: float | None = None, captions
     for k, stage in enumerate(cfg.stages):
         t = cfg.transfer(k)
         models.append(RecipeModel(
-            stage.name, resolve_model_config(stage.model), chain_samples=chain_samples[k], baseline_samples=base,
+            stage.name, cfg.model_cfg(k), chain_samples=chain_samples[k], baseline_samples=base,
             teacher=t is not None and t.align and t.alpha > 0,
             chain_epochs=chain_samples[k] / size if size else None, baseline_epochs=base / size if size else None,
         ))
     how = f"{baseline_epochs} epochs" if baseline_epochs is not None else "the first stage's budget"
+    llama = cfg.family == "llama"
     return Recipe(cfg.name, tuple(models), samples_per_epoch=size, captions_per_image=captions_per_image,
-                  source=chain, notes=[f"chain config {chain}; baseline: every model from scratch for {how}"])
+                  source=chain, notes=[f"chain config {chain}; baseline: every model from scratch for {how}"],
+                  family=cfg.family, seq_len=cfg.data.seq_len if llama else None)
 
 
 def _train_size(cfg) -> int:
+    if cfg.family == "llama":
+        import tempfile
+
+        from compt.text import build_text_datasets
+
+        with tempfile.TemporaryDirectory() as tmp:  # the tokenizer is trained, counted, and dropped
+            return len(build_text_datasets(cfg.data, tmp).train)
     from compt.data import build_dataset
 
     return len(build_dataset(cfg.data, "train"))

@@ -131,3 +131,14 @@ def test_llama_demo_preset_is_valid():
     cfg = load_chain("llama-demo", DS)
     assert cfg.family == "llama" and len(cfg.stages) == 3 and cfg.transfer(1).alpha == 1.0
     assert cfg.model_cfg(2)["rms_norm_eps"] == pytest.approx(1e-6 * 128 / 192)
+
+
+def test_compt_flops_counts_a_llama_chain(tmp_path):
+    proc = subprocess.run(["compt", "flops", "--chain", "llama-demo", "--json"], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert [m["name"] for m in out["per_model"]] == ["tiny", "small", "base"]
+    assert out["acceleration"] > 1.5 and out["analytic_agrees"] is True
+    base = out["per_model"][2]
+    assert base["chain_flops"] == base["chain_samples"] * (base["train_per_sample"] + base["teacher_forward_per_sample"])
