@@ -169,7 +169,7 @@ def _train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, c
             bar.update(1)
             if step % settings.log_every == 0 or step == steps:
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{engine.get_lr()[0]:.2e}")
-            if too_much_bad_data(counters, max_bad_fraction, final=step == steps):
+            if too_much_bad_data(counters, max_bad_fraction, final=False):
                 bar.close()
                 save(step)
                 raise StageFailed(bad_data_message(label, counters, max_bad_fraction,
@@ -183,6 +183,9 @@ def _train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, c
                                         f"checkpoint saved, run the same command again to resume")
     bar.close()
     counters.examples = gather_examples(counters.examples)
+    if too_much_bad_data(counters, max_bad_fraction, final=True):  # also when a rerun resumes at the last step
+        save(steps)
+        raise StageFailed(bad_data_message(label, counters, max_bad_fraction, counters.examples, steps))
 
 
 def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: StageResult | None,

@@ -173,6 +173,8 @@ def test_too_much_bad_data_stops_with_examples_then_resumes(tmp_path, bad_data_c
     assert proc.returncode == 1
     assert "4 of 320 samples drawn so far were unreadable or had empty captions" in proc.stderr
     assert "train-7.png" in proc.stderr and "resumes from the checkpoint saved at step 10" in proc.stderr
+    again = _run(chain, tmp_path / "run", port=29756)  # same threshold: resuming at the last step fails again
+    assert again.returncode == 1 and "4 of 320 samples drawn so far" in again.stderr
     # Raising the threshold is not a config change that needs confirming: the run resumes at step 10.
     bad_data_chain["data"]["max_bad_fraction"] = 0.02
     chain = write_chain(tmp_path / "chain.yaml", bad_data_chain)

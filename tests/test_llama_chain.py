@@ -142,3 +142,22 @@ def test_compt_flops_counts_a_llama_chain(tmp_path):
     assert out["acceleration"] > 1.5 and out["analytic_agrees"] is True
     base = out["per_model"][2]
     assert base["chain_flops"] == base["chain_samples"] * (base["train_per_sample"] + base["teacher_forward_per_sample"])
+
+
+def test_reference_and_fused_distillation_agree():
+    from compt.llama.train import ChainCausalLM
+
+    torch.manual_seed(0)
+    student, teacher = ChainCausalLM(llama(48, 1, 3, 3, 96)), ChainCausalLM(llama(32, 1, 2, 1, 64))
+    blocks = torch.randint(0, 512, (3, 17))
+    with torch.no_grad():
+        t_out = (teacher.lm.model(input_ids=blocks[:, :-1]).last_hidden_state, teacher.lm.lm_head.weight)
+    losses = {}
+    for backend in ("reference", "torch"):
+        student.zero_grad()
+        total, ce, kl = student(blocks, t_out, 0.5, 2.0, backend)
+        total.backward()
+        losses[backend] = (kl.detach(), student.lm.model.embed_tokens.weight.grad.clone())
+    torch.testing.assert_close(losses["torch"][0], losses["reference"][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["torch"][1], losses["reference"][1], rtol=1e-4, atol=1e-7)
+    assert losses["torch"][0] > 0

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from compt.kernels import fused_linear_kl
+from compt.kernels import distill_kl_reference, fused_linear_kl
 from compt.llama.model import TIED_HEAD, build_llama
 from compt.loader import GlobalBatchSampler
 from compt.losses import LossParts
@@ -46,7 +46,10 @@ class ChainCausalLM(torch.nn.Module):
         ce = F.cross_entropy(F.linear(hidden, weight).flatten(0, 1).float(), targets.reshape(-1))
         if teacher is None or not alpha:
             return ce, ce
-        kl = fused_linear_kl(hidden, weight, teacher[0], teacher[1], temperature=temperature, backend=backend)
+        if backend == "reference":  # the naive PyTorch definition (full logits), as kernels: reference asks
+            kl = distill_kl_reference(hidden, weight, teacher[0], teacher[1], temperature=temperature)
+        else:
+            kl = fused_linear_kl(hidden, weight, teacher[0], teacher[1], temperature=temperature, backend=backend)
         return ce + alpha * kl, ce, kl
 
 
