@@ -402,11 +402,7 @@ def export(stages: list[FinishedStage], out: str | Path, fmt: str = "both", lice
     notes = [f"stage {s.folder}: transformers format skipped: {p}" for s, formats, p in plans
              if p and fmt == "both"]
 
-    created = _first_missing(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> list[str]:
         for stage, formats, problem in plans:
             folder = tmp / stage.folder if family else tmp
             folder.mkdir(exist_ok=True)
@@ -420,6 +416,20 @@ def export(stages: list[FinishedStage], out: str | Path, fmt: str = "both", lice
         if family:
             (tmp / "README.md").write_text(model_card.family_card(
                 [(s, formats, p) for s, formats, p in plans], license=license, repo_id=repo_id))
+        return notes
+
+    return write_staged(out, dry_run, fill)
+
+
+def write_staged(out: Path, dry_run: bool, fill: Callable[[Path], list[str]]) -> ExportResult:
+    """Build an export with ``fill(tmp) -> notes`` in a temporary sibling of ``out``, then rename it
+    into place (a dry run lists and deletes it). On any failure nothing is left behind."""
+    created = _first_missing(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        notes = fill(tmp)
         _normal_permissions(tmp)
         files = sorted((str(p.relative_to(tmp)), p.stat().st_size) for p in tmp.rglob("*") if p.is_file())
         if dry_run:

@@ -101,7 +101,7 @@ from typing import Callable, Mapping
 import open_clip
 import torch
 
-from compt.clip.growth_plan import Axis, TensorPlan, tile_axis
+from compt.clip.growth_plan import Axis, TensorPlan, grow_with_plans, tile_axis
 
 MODES = ("exact", "official", "none")
 
@@ -495,21 +495,5 @@ def grow_state_dict(
     teacher tensor missing from ``small_sd`` is an error there, while ``official``
     keeps the student's init."""
     _check_mode(mode)
-    out: dict[str, torch.Tensor] = {}
-    for name, big_init in big_init_sd.items():
-        plan = plan_tensor(name, small_cfg, big_cfg, mode, noise, seed)
-        if plan is not None and any(s not in small_sd for s in plan.sources):
-            if mode == "exact":
-                missing = [s for s in plan.sources if s not in small_sd]
-                raise ValueError(f"exact growth of {name} needs teacher tensor(s) {missing}, missing from small_sd")
-            plan = None
-        if plan is None:
-            out[name] = big_init.detach().clone()
-            continue
-        if plan.numel != big_init.numel():
-            raise ValueError(f"cannot grow {name}: student tensor has shape {tuple(big_init.shape)}, "
-                             f"the configs say {plan.shape}")
-        grown = plan.dense({s: small_sd[s] for s in plan.sources},
-                           init=big_init if plan.needs_init() else None, dtype=big_init.dtype)
-        out[name] = grown.reshape(big_init.shape).to(big_init.device)
-    return out
+    return grow_with_plans(small_sd, big_init_sd, lambda name: plan_tensor(name, small_cfg, big_cfg, mode, noise, seed),
+                           mode)

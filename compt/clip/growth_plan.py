@@ -415,3 +415,29 @@ class TensorPlan:
                              f"the configs say {self.shape}")
         flat = self.flat_slice(small, 0, self.numel, init.reshape(-1) if init is not None else None, dtype=dtype)
         return flat.reshape(tuple(init.shape) if init is not None else self.shape)
+
+
+def grow_with_plans(small_sd: Mapping[str, torch.Tensor], big_init_sd: Mapping[str, torch.Tensor],
+                    plan_of, mode: str) -> dict[str, torch.Tensor]:
+    """A grown state dict: one entry per ``big_init_sd`` key, in its order, with that entry's
+    shape, dtype and device, each from ``plan_of(name) -> TensorPlan | None``. Tensors no plan
+    covers keep their init; a plan whose teacher tensor is missing from ``small_sd`` is an
+    error in ``exact`` mode and keeps the init otherwise."""
+    out: dict[str, torch.Tensor] = {}
+    for name, big_init in big_init_sd.items():
+        plan = plan_of(name)
+        if plan is not None and any(s not in small_sd for s in plan.sources):
+            if mode == "exact":
+                missing = [s for s in plan.sources if s not in small_sd]
+                raise ValueError(f"exact growth of {name} needs teacher tensor(s) {missing}, missing from small_sd")
+            plan = None
+        if plan is None:
+            out[name] = big_init.detach().clone()
+            continue
+        if plan.numel != big_init.numel():
+            raise ValueError(f"cannot grow {name}: student tensor has shape {tuple(big_init.shape)}, "
+                             f"the configs say {plan.shape}")
+        grown = plan.dense({s: small_sd[s] for s in plan.sources},
+                           init=big_init if plan.needs_init() else None, dtype=big_init.dtype)
+        out[name] = grown.reshape(big_init.shape).to(big_init.device)
+    return out

@@ -8,16 +8,14 @@ is written, and the export is built in a temporary folder renamed into place at 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from compt.clip.export import (ExportError, ExportResult, FinishedStage, _check_out, _first_missing,
-                               _normal_permissions, _read_json, _read_manifest)
+from compt.clip.export import (ExportError, ExportResult, FinishedStage, _check_out, _read_json, _read_manifest,
+                               write_staged)
 from compt.weights import sha256_file
 
 FORMATS = ("transformers",)
@@ -337,12 +335,8 @@ def export(stages: list[FinishedStage], out: str | Path, fmt: str | None = "tran
         _check_format(stage, fmt)
         _check_tokenizer(stage)
 
-    created = _first_missing(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    notes: list[str] = []
-    try:
+    def fill(tmp: Path) -> list[str]:
+        notes: list[str] = []
         for stage in stages:
             folder = tmp / stage.folder if family else tmp
             folder.mkdir(exist_ok=True)
@@ -351,23 +345,9 @@ def export(stages: list[FinishedStage], out: str | Path, fmt: str | None = "tran
                                                          subfolder=stage.folder if family else None))
         if family:
             (tmp / "README.md").write_text(family_card(stages, license=license, repo_id=repo_id))
-        _normal_permissions(tmp)
-        files = sorted((str(p.relative_to(tmp)), p.stat().st_size) for p in tmp.rglob("*") if p.is_file())
-        if dry_run:
-            shutil.rmtree(tmp)
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
-            return ExportResult(out, files, notes, written=False)
-        _check_out(out)  # still free?
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    return ExportResult(out, files, notes, written=True)
+        return notes
+
+    return write_staged(out, dry_run, fill)
 
 
 def is_llama_run(run: Path) -> bool:

@@ -94,7 +94,7 @@ from typing import Any, Mapping
 
 import torch
 
-from compt.clip.growth_plan import RANDOM, SRC, ZERO, Axis, TensorPlan, tile_axis
+from compt.clip.growth_plan import RANDOM, SRC, ZERO, Axis, TensorPlan, grow_with_plans, tile_axis
 from compt.llama.model import EMBED, TIED_HEAD, config_key, llama_state_shapes, resolve_llama_config
 
 MODES = ("exact", "official", "none")
@@ -405,21 +405,5 @@ def grow_state_dict(small_sd: Mapping[str, torch.Tensor], big_init_sd: Mapping[s
     tensor missing from ``small_sd`` is an error; ``official`` keeps the init there. A tied
     teacher's checkpoint needs no ``lm_head.weight``."""
     _check_mode(mode)
-    out: dict[str, torch.Tensor] = {}
-    for name, big_init in big_init_sd.items():
-        plan = plan_tensor(name, small_cfg, big_cfg, mode, noise, seed)
-        if plan is not None and any(src not in small_sd for src in plan.sources):
-            if mode == "exact":
-                raise ValueError(f"exact growth of {name} needs teacher tensor(s) {list(plan.sources)}, "
-                                 "missing from small_sd")
-            plan = None
-        if plan is None:
-            out[name] = big_init.detach().clone()
-            continue
-        if plan.numel != big_init.numel():
-            raise ValueError(f"cannot grow {name}: student tensor has shape {tuple(big_init.shape)}, "
-                             f"the configs say {plan.shape}")
-        grown = plan.dense({src: small_sd[src] for src in plan.sources},
-                           init=big_init if plan.needs_init() else None, dtype=big_init.dtype)
-        out[name] = grown.reshape(big_init.shape).to(big_init.device)
-    return out
+    return grow_with_plans(small_sd, big_init_sd, lambda name: plan_tensor(name, small_cfg, big_cfg, mode, noise, seed),
+                           mode)
