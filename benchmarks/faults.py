@@ -4,7 +4,7 @@
 
 Each trial starts the tiny test chain (tests/conftest.py: 3 stages, checkpoints every 2
 steps) through the real deepspeed launcher, kills the whole process group with SIGKILL
-after a random delay (any moment: mid-step, mid-checkpoint, mid-save, between stages),
+a random delay after training starts (any moment: mid-step, mid-checkpoint, mid-save, between stages),
 restarts it, possibly kills it again (``--kills``), and finally lets it finish. Every
 stage's weights and loss curve must equal, bit for bit, those of an uninterrupted run
 with the same rank count. Results: benchmarks/results/faults-<name>.{json,md}.
@@ -66,7 +66,8 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=5, help="trials per rank count")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--kills", type=int, default=2, help="SIGKILLs per trial before it may finish")
-    p.add_argument("--max-delay", type=float, default=12.0, help="kill after uniform(0, this) seconds")
+    p.add_argument("--max-delay", type=float, default=8.0,
+                   help="kill uniform(0, this) seconds after training starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="runs/bench-faults")
     p.add_argument("--name", default="cpu2")
@@ -93,8 +94,14 @@ def main() -> int:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
             kills = []
             for _ in range(args.kills):
+                started = time.time()
                 proc = launch(chain, out, ranks, port)
                 port += 1
+                # The clock starts once training does (rank 0 marks a stage running in the manifest):
+                # DeepSpeed's start-up takes longer than the whole tiny chain trains.
+                manifest = out / "manifest.json"
+                while proc.poll() is None and not (manifest.exists() and manifest.stat().st_mtime > started):
+                    time.sleep(0.05)
                 delay = rng.uniform(0.0, args.max_delay)
                 try:
                     proc.wait(timeout=delay)
