@@ -161,3 +161,12 @@ def test_reference_and_fused_distillation_agree():
     torch.testing.assert_close(losses["torch"][0], losses["reference"][0], rtol=1e-5, atol=0)
     torch.testing.assert_close(losses["torch"][1], losses["reference"][1], rtol=1e-4, atol=1e-7)
     assert losses["torch"][0] > 0
+
+
+def test_compt_eval_reproduces_llama_metrics(llama_runs):
+    run_dir, _ = llama_runs[1]
+    proc = subprocess.run(["compt", "eval", str(run_dir / "stages" / "2-c"), "--json"], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["val_ppl"] == pytest.approx(_metrics(run_dir, 2, "c")["val_ppl"], rel=1e-5)

@@ -12,12 +12,9 @@ from pathlib import Path
 
 def run(args: argparse.Namespace) -> int:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    from compt.clip.model import build_clip, load_into, preprocess_for
     from compt.config import ChainConfig
-    from compt.data import build_dataset
-    from compt.evaluate import evaluate
+    from compt.families import family_of
 
     stage_dir = Path(args.stage_dir)
     files = {n: stage_dir / n for n in ("config.json", "model.safetensors")}
@@ -26,23 +23,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {stage_dir} is not a finished stage directory (missing {', '.join(missing)}); "
               "pass RUN_DIR/stages/<k>-<name> of a stage whose status is 'done'", file=sys.stderr)
         return 2
-    manifest_path = stage_dir.parent.parent / "manifest.json"
+    run_dir = stage_dir.parent.parent
+    manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         print(f"error: no manifest at {manifest_path}; the stage directory must sit inside its run directory",
               file=sys.stderr)
         return 2
     cfg = ChainConfig.model_validate(json.loads(manifest_path.read_text())["config"])
+    if args.batch_size:
+        cfg.eval.batch_size = args.batch_size
+    family = family_of(cfg.family)
     model_cfg = json.loads(files["config.json"].read_text())
-    model = build_clip(model_cfg)
     try:
-        load_into(model, load_file(str(files["model.safetensors"])))
+        model = family.load_teacher(model_cfg, files["model.safetensors"])
     except (SafetensorError, ValueError) as e:
         print(f"error: cannot load {files['model.safetensors']}: {e}", file=sys.stderr)
         return 2
-    metrics = evaluate(model, build_dataset(cfg.data, "val"), preprocess_for(model_cfg),
-                       args.batch_size or cfg.eval.batch_size, cfg.eval.zeroshot, cfg.eval.retrieval)
+    metrics = family.evaluate(model, _val_data(cfg, run_dir), model_cfg, cfg)
     if args.json:
         print(json.dumps(metrics, indent=2))
+    elif cfg.family == "llama":
+        print(f"{stage_dir}: {metrics['val_tokens']} validation tokens")
+        print(f"  val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}")
     else:
         r = metrics["retrieval"] or {}
         print(f"{stage_dir}: {metrics['val_samples']} validation samples")
@@ -52,6 +54,16 @@ def run(args: argparse.Namespace) -> int:
         for direction, recalls in r.items():
             print(f"  {direction:<16} " + "  ".join(f"{k} {100 * v:6.2f}%" for k, v in recalls.items()))
     return 0
+
+
+def _val_data(cfg, run_dir: Path):
+    if cfg.family == "llama":
+        from compt.text import build_text_datasets
+
+        return build_text_datasets(cfg.data, run_dir / "tokenizer").val  # the run's cached tokenizer
+    from compt.data import build_dataset
+
+    return build_dataset(cfg.data, "val")
 
 
 def register(sub) -> None:

@@ -11,6 +11,7 @@ full [tokens x vocab] logits of either model.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -31,9 +32,9 @@ class ChainCausalLM(torch.nn.Module):
         super().__init__()
         self.lm = build_llama(cfg)
         self.tied = bool(cfg.get("tie_word_embeddings"))
-        import deepspeed
-
-        deepspeed.zero.register_external_parameter(self, self.lm.lm_head.weight)
+        deepspeed = sys.modules.get("deepspeed")  # only ZeRO-3 needs this, and it has imported deepspeed already
+        if deepspeed is not None:
+            deepspeed.zero.register_external_parameter(self, self.lm.lm_head.weight)
 
     def forward(self, blocks: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
                 alpha: float = 0.0, temperature: float = 1.0, backend: str = "auto") -> tuple[torch.Tensor, ...]:

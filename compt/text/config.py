@@ -64,7 +64,11 @@ class TextDataConfig(BaseModel):
     def problems(self) -> list[str]:
         """Every problem found, each naming its field and fix; cheap (reads at most a line per file)."""
         found: list[str] = []
-        for field in sorted((self.model_fields_set & KIND_FIELDS) - FIELDS_OF_KIND[self.kind]):
+        # Fields another kind reads, set to something other than their default (a config read back from a
+        # run manifest lists every field with its default value: that is not a mistake).
+        changed = {f for f in self.model_fields_set
+                   if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)}
+        for field in sorted((changed & KIND_FIELDS) - FIELDS_OF_KIND[self.kind]):
             users = " and ".join(k for k, fields in FIELDS_OF_KIND.items() if field in fields)
             found.append(f"data.{field}: only read by kind {users}, not '{self.kind}'; "
                          f"remove it or set data.kind")
