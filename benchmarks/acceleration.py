@@ -1,12 +1,21 @@
 """Measured acceleration of CoM-PT vs training every model from scratch, quality side by side.
 
-    python benchmarks/acceleration.py --quick          # minutes: tiny models, main comparison only
-    python benchmarks/acceleration.py                  # the full study (see --help for its parts)
+    python benchmarks/acceleration.py --quick                   # minutes: tiny CLIPs, main comparison only
+    python benchmarks/acceleration.py                           # the full CLIP study (see --help for its parts)
+    python benchmarks/acceleration.py --family llama --quick    # minutes: tiny LLaMAs
+    python benchmarks/acceleration.py --family llama            # the full LLaMA study
 
-Every chain runs through the real launcher (``deepspeed launch/chain.py``) on the built-in
-digit-numbers data, and every figure is read back from the run directories it writes
-(RUN/stages/<k>-<name>/metrics.json): zero-shot top-1, retrieval R@1, counted FLOPs
-(flops.total), wall seconds. Methods:
+Every chain runs through the real launcher (``deepspeed launch/chain.py``) and every figure is
+read back from the run directories it writes (RUN/stages/<k>-<name>/metrics.json): the family's
+quality figure, counted FLOPs (flops.total), wall seconds. Families (--family):
+
+- clip: open_clip CLIPs on the built-in digit-numbers data; quality = zero-shot top-1 (higher
+  is better; retrieval R@1 beside it).
+- llama: transformers LLaMAs on the built-in pydoc corpus (a BPE tokenizer trained into every
+  run dir); quality = validation perplexity (lower is better); the feature space is KL
+  distillation from the teacher's next-token distributions.
+
+Methods:
 
 - baseline: one chain whose stages all use ``transfer: {init: none, align: false}`` and the
   full budget, i.e. every model from scratch (the launcher only needs each stage to be
@@ -17,8 +26,9 @@ digit-numbers data, and every figure is read back from the run directories it wr
   compt.config.load_chain); otherwise it is skipped with a note.
 
 Studies: main (3 methods x seeds), compute to reach the baseline's quality (CoM-PT chains at
-several uniform stage-budget fractions), chain length (2, 3, 4 models between the same
-smallest and largest), ablation (parameter space only, feature space only, both, neither).
+several uniform stage-budget fractions; "reached" = within --match-tolerance of the baseline),
+chain length (2, 3, 4 models between the same smallest and largest), ablation (parameter space
+only, feature space only, both, neither).
 
 The first stage of a CoM-PT chain is the same computation as the baseline's first stage
 (same model, budget, seed and data). Unless --retrain-first-stage is given, a chain's run
@@ -45,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -71,6 +81,14 @@ def clip_model(width: int, layers: int, head_width: int = 32, embed_dim: int = 6
     }
 
 
+def llama_model(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, vocab: int,
+                context: int) -> dict[str, Any]:
+    """A small LlamaForCausalLM config with tied embeddings; head_dim 16 in every size, so exact growth applies."""
+    return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": mlp, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": 16,
+            "max_position_embeddings": context, "tie_word_embeddings": True}
+
+
 @dataclass
 class Setup:
     """One benchmark mode: the model family, budgets and which studies run."""
@@ -88,7 +106,10 @@ class Setup:
     warmup_fraction: float = 0.05
     alpha: float = 500.0
     eval_batch_size: int = 300
-    match_tolerance: float = 0.0  # "matches the baseline" = top-1 >= baseline top-1 - this
+    match_tolerance: float = 0.0  # "matches the baseline": see Quality.matches
+    family: str = "clip"  # a key of FAMILIES
+    data: dict = field(default_factory=lambda: {"kind": "digit-numbers"})
+    exact_noise: float = 0.0  # symmetry-breaking noise of exact growth (the grown function is kept)
 
     def steps(self, fraction: float) -> int:
         return max(1, round(fraction * self.baseline_steps))
@@ -111,7 +132,222 @@ QUICK = Setup(
     seeds=1, studies=["main", "search"],
 )
 
+# Widths x1.5-3 between sizes, depth 2 -> 3 -> 4, grouped-query attention: every link (and xs -> l
+# directly, for the chain-length study) is an exact growth. Sized for 2 CPU cores: the 4 models from
+# scratch take about 3 minutes there, the whole study with 1 seed about 18.
+LLAMA_FULL = Setup(
+    models={"xs": llama_model(32, 2, 2, 1, 96, 2048, 64), "s": llama_model(64, 2, 4, 2, 176, 2048, 64),
+            "m": llama_model(96, 3, 6, 2, 256, 2048, 64), "l": llama_model(128, 4, 8, 2, 352, 2048, 64)},
+    main=["xs", "m", "l"],
+    lengths=[["xs", "l"], ["xs", "m", "l"], ["xs", "s", "m", "l"]],
+    baseline_steps=300, chain_fraction=0.25, search_fractions=[0.125, 0.25, 0.5],
+    seeds=3, studies=["main", "search", "length", "ablation"],
+    family="llama", data={"kind": "pydoc", "seq_len": 64, "vocab_size": 2048},
+    batch_size=32, lr=3e-3, alpha=1.0, eval_batch_size=64, match_tolerance=0.05, exact_noise=0.01,
+)
+
+LLAMA_QUICK = Setup(
+    models={"xs": llama_model(32, 1, 2, 1, 64, 512, 32), "m": llama_model(64, 1, 4, 2, 128, 512, 32),
+            "l": llama_model(64, 2, 4, 2, 128, 512, 32)},
+    main=["xs", "m", "l"],
+    lengths=[["xs", "m", "l"]],
+    baseline_steps=40, chain_fraction=0.25, search_fractions=[0.25],
+    seeds=1, studies=["main", "search"],
+    family="llama", data={"kind": "pydoc", "seq_len": 32, "vocab_size": 512},
+    batch_size=16, lr=3e-3, alpha=1.0, eval_batch_size=64, match_tolerance=0.05, exact_noise=0.01,
+)
+
 STUDIES = ("main", "search", "length", "ablation")
+
+
+# ---------------------------------------------------------------------------
+# What the benchmark needs to know about a model family.
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Quality:
+    """The figure a family's models are compared by, and which way is better."""
+
+    key: str  # per-stage metrics.json figure; init_<key> is the grown model's at step 0
+    label: str  # how tables name it
+    higher_is_better: bool
+    relative_tolerance: bool  # match_tolerance is a fraction of the baseline's value (else absolute)
+    percent: bool  # a fraction shown as a percentage
+    plot_scale: float = 1.0
+
+    def matches(self, value: float, baseline: float, tolerance: float) -> bool:
+        """Whether a CoM-PT model is as good as its from-scratch baseline, within ``tolerance``."""
+        slack = tolerance * abs(baseline) if self.relative_tolerance else tolerance
+        return value >= baseline - slack if self.higher_is_better else value <= baseline + slack
+
+    def rule(self, tolerance: float) -> str:
+        if self.higher_is_better:
+            bound = f">= baseline {self.label} " + (f"x (1 - {tolerance:g})" if self.relative_tolerance
+                                                   else f"- {tolerance:g}")
+        else:
+            bound = f"<= baseline {self.label} " + (f"x (1 + {tolerance:g})" if self.relative_tolerance
+                                                   else f"+ {tolerance:g}")
+        return f"'Matches the baseline' means {self.label} {bound}, seed 0 on both sides."
+
+    def format(self, x: float | None, std: float | None = None) -> str:
+        return _pct(x, std) if self.percent else _num(x, std)
+
+    def gap(self, value: float, baseline: float) -> str:
+        """How far ``value`` is from the baseline's, in the units the tolerance uses."""
+        if self.relative_tolerance:
+            return _ratio(value, baseline)
+        return f"{100 * (value - baseline):+.1f} points" if self.percent else f"{value - baseline:+.3g}"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as the benchmark sees it: its setups, its quality figure and how to report them."""
+
+    full: Setup
+    quick: Setup
+    result_prefix: str  # default results name: <prefix>quick / <prefix>full
+    quality: Quality
+    side: tuple[str, ...]  # other per-model figures, averaged over seeds like the quality
+    init: tuple[str, ...]  # figures of a grown model at step 0
+    figures: Callable[[dict], dict]  # metrics.json -> the figures above (and more), in table order
+    columns: tuple[tuple[str, Callable[[dict], str]], ...]  # main table: header, cell of a per-model row
+    main_caption: str
+    library: tuple[str, str]  # (name shown, package) whose version goes with the machine
+    data_caption: Callable[[dict], str]  # the results' setup -> a short description of the data
+    notes: Callable[[Setup], list[str]]  # notes on quality, cost, budgets and the match rule
+    quick_note: str
+    ylabel: str
+    yscale: str
+    decorate: Callable[[Any, dict], None]  # (axes, result): reference lines on the plot
+    findings: Callable[[dict], list[str]]  # result -> sentences on what the tables show (rendered, not stored)
+
+
+def clip_figures(m: dict) -> dict:
+    r = m.get("retrieval") or {}
+    return {"zeroshot_top1": m["zeroshot_top1"], "zeroshot_top5": m["zeroshot_top5"],
+            "i2t_R@1": (r.get("image_to_text") or {}).get("R@1"), "t2i_R@1": (r.get("text_to_image") or {}).get("R@1"),
+            "init_zeroshot_top1": m.get("init_zeroshot_top1")}
+
+
+def llama_figures(m: dict) -> dict:
+    return {"val_ppl": m["val_ppl"], "val_loss": m["val_loss"], "init_val_ppl": m.get("init_val_ppl"),
+            "teacher_val_ppl": m.get("teacher_val_ppl")}
+
+
+FLOPS_NOTE = ("FLOPs are the launcher's counted flops.total per stage (student forward+backward + teacher forward, "
+              "torch.utils.flop_counter); the first model is counted in the baseline and in every chain.")
+WALL_NOTE = ("Wall time is the sum of the stages' wall_seconds (build, growth, training, evaluation, saving); launcher "
+             "start-up is excluded. 'train seconds' stops before the final evaluation.")
+
+
+def clip_notes(setup: Setup) -> list[str]:
+    return [
+        "Quality is zero-shot top-1 over all 90 classes of the digit-numbers val split (900 images built from "
+        "digit images never seen in training; 9 of the 90 numbers never appear in training at all).",
+        FLOPS_NOTE, WALL_NOTE,
+        f"Budgets: every from-scratch model {setup.baseline_steps} steps at global batch {setup.batch_size}; "
+        f"CoM-PT later stages {setup.chain_fraction:g} of that; lr {setup.lr:g}, warmup "
+        f"{setup.warmup_fraction:g} of each stage's steps, cosine to 0, alpha {setup.alpha:g}.",
+        FAMILIES["clip"].quality.rule(setup.match_tolerance),
+    ]
+
+
+def pydoc_blocks(data: dict) -> tuple[int, int]:
+    """(train, val) blocks of the pydoc corpus under ``data``; the tokenizer is trained in a temporary folder."""
+    import tempfile
+
+    from compt.text import build_text_datasets
+    from compt.text.config import TextDataConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        built = build_text_datasets(TextDataConfig(**data), tmp)
+        return len(built.train), len(built.val)
+
+
+def llama_notes(setup: Setup) -> list[str]:
+    seq_len, vocab = setup.data["seq_len"], setup.data["vocab_size"]
+    train, val = pydoc_blocks(setup.data)
+    tokens = setup.baseline_steps * setup.batch_size * seq_len
+    return [
+        f"Quality is validation perplexity, exp of the mean next-token cross-entropy over every token of the "
+        f"held-out pydoc documents ({val} blocks of {seq_len} + 1 tokens; training split: {train} blocks); lower is "
+        f"better. The corpus is Python's documentation topics (pydoc_data), split by whole documents; the "
+        f"byte-level BPE tokenizer (vocab {vocab}) is trained on the training documents inside every run "
+        f"directory (identically in every run).",
+        FLOPS_NOTE.replace("teacher forward,", f"teacher forward, per training sequence of {seq_len} tokens, "
+                                               "logits at every position;"),
+        WALL_NOTE,
+        f"Budgets: every from-scratch model {setup.baseline_steps} steps at global batch {setup.batch_size} "
+        f"sequences ({tokens:,} tokens, {setup.baseline_steps * setup.batch_size / train:.1f} epochs of the "
+        f"training split); CoM-PT later stages {setup.chain_fraction:g} of that; lr {setup.lr:g}, warmup "
+        f"{setup.warmup_fraction:g} of each stage's steps, cosine to 0. Feature space = KL distillation: "
+        f"alpha {setup.alpha:g} x KL(teacher || student) over next-token distributions at temperature 1, next to "
+        f"the next-token loss; parameter space = growth (exact growth with noise {setup.exact_noise:g}, which "
+        f"keeps the function).",
+        FAMILIES["llama"].quality.rule(setup.match_tolerance),
+    ]
+
+
+def clip_decorate(ax, result: dict) -> None:
+    if ax.get_ylim()[0] < 20:  # near chance: show it
+        ax.axhline(100 / 90, color="black", lw=0.8, ls=":", label="chance (1/90)")
+
+
+def llama_decorate(ax, result: dict) -> None:
+    """The bar the largest model has to clear: its from-scratch perplexity, plus the tolerance."""
+    q, tol = FAMILIES["llama"].quality, result["setup"]["match_tolerance"]
+    last = result["summary"]["main"]["baseline"]["per_model"][-1]
+    bar = last[q.key] * (1 + tol) if q.relative_tolerance else last[q.key] + tol
+    ax.axhline(bar, color="black", lw=0.8, ls=":",
+               label=f"{last['name']} from scratch" + (f" x (1 + {tol:g})" if tol else ""))
+
+
+FAMILIES: dict[str, Family] = {
+    "clip": Family(
+        full=FULL, quick=QUICK, result_prefix="",
+        quality=Quality("zeroshot_top1", "top-1", higher_is_better=True, relative_tolerance=False, percent=True,
+                        plot_scale=100.0),
+        side=("i2t_R@1", "t2i_R@1"), init=("init_zeroshot_top1",), figures=clip_figures,
+        columns=(("top-1", lambda r: _pct(r["zeroshot_top1"], r["zeroshot_top1_std"])),
+                 ("I→T R@1", lambda r: _pct(r["i2t_R@1"])), ("T→I R@1", lambda r: _pct(r["t2i_R@1"])),
+                 ("init top-1", lambda r: _pct(r.get("init_zeroshot_top1")))),
+        main_caption="zero-shot top-1 and retrieval R@1 on the val split; mean ± std over seeds",
+        library=("open_clip", "open_clip_torch"),
+        data_caption=lambda setup: "digit-numbers (90 classes, 8,100 train / 900 val)",
+        notes=clip_notes,
+        quick_note="QUICK MODE: a check of the whole pipeline (launcher, accounting, reports) with budgets far "
+                   "below what these models need to learn 90 classes (chance is 1.1%); its qualities are not a "
+                   "measurement of CoM-PT. The full mode is the measurement.",
+        ylabel="zero-shot top-1 on digit-numbers val (%)", yscale="linear", decorate=clip_decorate,
+        findings=lambda result: [],  # the CLIP results keep their published form; verdicts(result) would fit
+    ),
+    "llama": Family(
+        full=LLAMA_FULL, quick=LLAMA_QUICK, result_prefix="llama-",
+        quality=Quality("val_ppl", "val ppl", higher_is_better=False, relative_tolerance=True, percent=False),
+        side=("val_loss",), init=("init_val_ppl", "teacher_val_ppl"), figures=llama_figures,
+        columns=(("val ppl", lambda r: _num(r["val_ppl"], r["val_ppl_std"])),
+                 ("vs baseline", lambda r: _ratio(r["val_ppl"], r.get("baseline_val_ppl"))),
+                 ("val loss", lambda r: _num(r["val_loss"], digits=3)),
+                 ("init val ppl", lambda r: _num(r.get("init_val_ppl"))),
+                 ("teacher val ppl", lambda r: _num(r.get("teacher_val_ppl")))),
+        main_caption="validation perplexity on held-out pydoc documents, lower is better; 'vs baseline' = "
+                     "val ppl / the from-scratch model's; mean ± std over seeds",
+        library=("transformers", "transformers"),
+        data_caption=lambda setup: (f"pydoc (Python's documentation topics), seq_len {setup['data']['seq_len']}, "
+                                    f"BPE vocab {setup['data']['vocab_size']}"),
+        notes=llama_notes,
+        quick_note="QUICK MODE: a check of the whole pipeline (launcher, accounting, reports) with tiny models "
+                   "and budgets far below what they need; its perplexities are not a measurement of CoM-PT. "
+                   "The full mode is the measurement.",
+        ylabel="validation perplexity on pydoc (log scale; lower is better)", yscale="log",
+        decorate=llama_decorate, findings=lambda result: verdicts(result),
+    ),
+}
+
+
+def family_of(setup: Setup | dict) -> Family:
+    """The family of a Setup, or of the setup recorded in a results JSON (older CLIP results name none)."""
+    return FAMILIES[setup.family if isinstance(setup, Setup) else setup.get("family", "clip")]
 
 
 @dataclass
@@ -137,11 +373,13 @@ def chain_dict(setup: Setup, spec: RunSpec) -> dict[str, Any]:
             transfer = dict(BASELINE) if spec.transfer is None else dict(spec.transfer)
             if transfer.get("align"):
                 transfer.setdefault("alpha", setup.alpha)
+            if transfer.get("init") == "exact" and setup.exact_noise:
+                transfer.setdefault("noise", setup.exact_noise)
             stage["transfer"] = transfer
         stages.append(stage)
     return {
-        "name": spec.id, "seed": spec.seed,
-        "data": {"kind": "digit-numbers"},
+        "name": spec.id, "family": setup.family, "seed": spec.seed,
+        "data": dict(setup.data),
         "eval": {"batch_size": setup.eval_batch_size},
         "defaults": {"lr": setup.lr, "batch_size": setup.batch_size, "log_every": 50},
         "stages": stages,
@@ -255,7 +493,7 @@ class Launcher:
             self.log(f"  {spec.id}: finished earlier in {run_dir}, reusing")
         if spec.transfer is not None and not (run_dir / REUSED_MARK).exists():
             self.retrained.add(spec.seed)
-        stages = read_stages(run_dir)
+        stages = read_stages(run_dir, family_of(setup))
         if spec.transfer is None:
             self.first_stage.setdefault(spec.seed, run_dir / "stages" / f"0-{spec.models[0]}")
         return {"id": spec.id, "method": spec.method, "models": spec.models, "seed": spec.seed,
@@ -311,17 +549,13 @@ def free_port(start: int) -> int:
     raise RuntimeError(f"no free port in {start}..{start + 499}; pass another --port")
 
 
-def read_stages(run_dir: Path) -> list[dict[str, Any]]:
+def read_stages(run_dir: Path, fam: Family) -> list[dict[str, Any]]:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     out = []
     for entry in manifest["stages"]:
         m = json.loads((run_dir / entry["dir"] / "metrics.json").read_text())
-        r = m.get("retrieval") or {}
         out.append({
-            "name": entry["name"], "steps": m["steps"], "samples_seen": m["samples_seen"],
-            "zeroshot_top1": m["zeroshot_top1"], "zeroshot_top5": m["zeroshot_top5"],
-            "i2t_R@1": (r.get("image_to_text") or {}).get("R@1"), "t2i_R@1": (r.get("text_to_image") or {}).get("R@1"),
-            "init_zeroshot_top1": m.get("init_zeroshot_top1"),
+            "name": entry["name"], "steps": m["steps"], "samples_seen": m["samples_seen"], **fam.figures(m),
             "flops": m["flops"]["total"], "student_flops": m["flops"]["student_train"],
             "teacher_flops": m["flops"]["teacher_forward"],
             "wall_seconds": m["wall_seconds"], "train_seconds": m.get("train_seconds"),
@@ -359,8 +593,9 @@ def baseline_stage(runs: list[dict], model: str, seed: int) -> dict:
     raise KeyError(f"no baseline run of {model} for seed {seed}")
 
 
-def chain_summary(runs: list[dict], chain_runs: list[dict]) -> dict[str, Any]:
+def chain_summary(runs: list[dict], chain_runs: list[dict], fam: Family) -> dict[str, Any]:
     """Per model (mean over seeds) and per chain: acceleration by FLOPs and by wall time vs the baseline."""
+    q = fam.quality.key
     models = chain_runs[0]["models"]
     per_model = []
     base_flops = base_wall = base_train = chain_flops = chain_wall = chain_train = 0.0
@@ -368,12 +603,11 @@ def chain_summary(runs: list[dict], chain_runs: list[dict]) -> dict[str, Any]:
         stages = [_stage(r, name) for r in chain_runs]
         bases = [baseline_stage(runs, name, r["seed"]) for r in chain_runs]
         row = {"name": name}
-        for key in ("zeroshot_top1", "i2t_R@1", "t2i_R@1", "init_zeroshot_top1", "flops", "wall_seconds",
-                    "train_seconds", "samples_seen"):
+        for key in (q, *fam.side, *fam.init, "flops", "wall_seconds", "train_seconds", "samples_seen"):
             row[key] = _mean([s[key] for s in stages])
-        row["zeroshot_top1_std"] = _std([s["zeroshot_top1"] for s in stages])
-        row["zeroshot_top1_seeds"] = [s["zeroshot_top1"] for s in stages]
-        row["baseline_zeroshot_top1"] = _mean([b["zeroshot_top1"] for b in bases])
+        row[f"{q}_std"] = _std([s[q] for s in stages])
+        row[f"{q}_seeds"] = [s[q] for s in stages]
+        row[f"baseline_{q}"] = _mean([b[q] for b in bases])
         row["baseline_flops"] = _mean([b["flops"] for b in bases])
         per_model.append(row)
         base_flops += row["baseline_flops"]
@@ -392,15 +626,16 @@ def chain_summary(runs: list[dict], chain_runs: list[dict]) -> dict[str, Any]:
     }
 
 
-def baseline_summary(runs: list[dict], models: list[str], seeds: list[int]) -> dict[str, Any]:
+def baseline_summary(runs: list[dict], models: list[str], seeds: list[int], fam: Family) -> dict[str, Any]:
+    q = fam.quality.key
     per_model = []
     for name in models:
         stages = [baseline_stage(runs, name, s) for s in seeds]
         row = {"name": name}
-        for key in ("zeroshot_top1", "i2t_R@1", "t2i_R@1", "flops", "wall_seconds", "train_seconds", "samples_seen"):
+        for key in (q, *fam.side, "flops", "wall_seconds", "train_seconds", "samples_seen"):
             row[key] = _mean([s[key] for s in stages])
-        row["zeroshot_top1_std"] = _std([s["zeroshot_top1"] for s in stages])
-        row["zeroshot_top1_seeds"] = [s["zeroshot_top1"] for s in stages]
+        row[f"{q}_std"] = _std([s[q] for s in stages])
+        row[f"{q}_seeds"] = [s[q] for s in stages]
         per_model.append(row)
     return {"models": models, "seeds": seeds, "per_model": per_model,
             "flops": sum(r["flops"] for r in per_model), "wall_seconds": sum(r["wall_seconds"] for r in per_model),
@@ -408,19 +643,21 @@ def baseline_summary(runs: list[dict], models: list[str], seeds: list[int]) -> d
 
 
 def compute_to_reach(setup: Setup, runs: list[dict], method: str) -> list[dict[str, Any]]:
-    """Per later model: the smallest searched stage budget whose top-1 matches its from-scratch baseline (seed 0)."""
+    """Per later model: the smallest searched stage budget whose quality matches its from-scratch baseline
+    (seed 0; Quality.matches with setup.match_tolerance)."""
+    quality = family_of(setup).quality
+    q = quality.key
     search = sorted(_find(runs, method=method, seed=0, models=setup.main), key=lambda r: r["fraction"])
     out = []
     for name in setup.main[1:]:
         base = baseline_stage(runs, name, 0)
-        target = base["zeroshot_top1"] - setup.match_tolerance
         points = [{"fraction": r["fraction"], "steps": _stage(r, name)["steps"],
-                   "zeroshot_top1": _stage(r, name)["zeroshot_top1"], "stage_flops": _stage(r, name)["flops"],
+                   q: _stage(r, name)[q], "stage_flops": _stage(r, name)["flops"],
                    "chain_flops_through_model": sum(s["flops"] for s in r["stages"][:r["models"].index(name) + 1])}
                   for r in search]
-        hit = next((p for p in points if p["zeroshot_top1"] >= target), None)
+        hit = next((p for p in points if quality.matches(p[q], base[q], setup.match_tolerance)), None)
         out.append({
-            "model": name, "baseline_zeroshot_top1": base["zeroshot_top1"], "baseline_flops": base["flops"],
+            "model": name, f"baseline_{q}": base[q], "baseline_flops": base["flops"],
             "searched_fractions": [p["fraction"] for p in points], "points": points,
             "reached_at_fraction": hit["fraction"] if hit else None,
             "stage_flops_to_reach": hit["stage_flops"] if hit else None,
@@ -430,20 +667,21 @@ def compute_to_reach(setup: Setup, runs: list[dict], method: str) -> list[dict[s
 
 
 def chain_length_study(setup: Setup, runs: list[dict], methods: list[str]) -> list[dict[str, Any]]:
+    fam = family_of(setup)
+    q = fam.quality.key
     out = []
     for method in methods:
         for chain in setup.lengths:
             found = _find(runs, method=method, seed=0, models=chain, fraction=setup.chain_fraction)
             if not found:
                 continue
-            s = chain_summary(runs, found)
+            s = chain_summary(runs, found, fam)
             last = s["per_model"][-1]
             out.append({"method": method, "models": chain, "length": len(chain),
                         "acceleration_flops": s["acceleration_flops"], "acceleration_wall": s["acceleration_wall"],
-                        "largest_zeroshot_top1": last["zeroshot_top1"],
-                        "largest_baseline_zeroshot_top1": last["baseline_zeroshot_top1"],
-                        "mean_zeroshot_top1": _mean([m["zeroshot_top1"] for m in s["per_model"]]),
-                        "mean_baseline_zeroshot_top1": _mean([m["baseline_zeroshot_top1"] for m in s["per_model"]])})
+                        f"largest_{q}": last[q], f"largest_baseline_{q}": last[f"baseline_{q}"],
+                        f"mean_{q}": _mean([m[q] for m in s["per_model"]]),
+                        f"mean_baseline_{q}": _mean([m[f"baseline_{q}"] for m in s["per_model"]])})
     return out
 
 
@@ -455,23 +693,25 @@ ABLATION_LABELS = {
 
 
 def ablation_study(setup: Setup, runs: list[dict]) -> list[dict[str, Any]]:
+    fam = family_of(setup)
+    q = fam.quality.key
     out = []
     for method, label in ABLATION_LABELS.items():
         found = _find(runs, method=method, seed=0, models=setup.main, fraction=setup.chain_fraction)
         found = [r for r in found if "ablation" in r["studies"]]
         if not found:
             continue
-        s = chain_summary(runs, found)
+        s = chain_summary(runs, found, fam)
         out.append({"variant": label, "method": method, "transfer": found[0]["transfer"],
-                    "per_model": [{k: m[k] for k in ("name", "zeroshot_top1", "init_zeroshot_top1", "i2t_R@1",
-                                                     "t2i_R@1", "flops", "baseline_zeroshot_top1")}
+                    "per_model": [{k: m[k] for k in ("name", q, *fam.init, *fam.side, "flops", f"baseline_{q}")}
                                   for m in s["per_model"]],
                     "acceleration_flops": s["acceleration_flops"]})
     return out
 
 
-def first_stage_check(runs: list[dict]) -> list[dict[str, Any]]:
+def first_stage_check(runs: list[dict], fam: Family) -> list[dict[str, Any]]:
     """For every seed: did a chain that retrained its first stage reproduce the baseline's bit for bit?"""
+    q = fam.quality.key
     out = []
     for r in runs:
         if r["transfer"] is None or r["first_stage_reused"]:
@@ -479,7 +719,7 @@ def first_stage_check(runs: list[dict]) -> list[dict[str, Any]]:
         base = baseline_stage(runs, r["models"][0], r["seed"])
         mine = r["stages"][0]
         out.append({"seed": r["seed"], "run": r["id"], "identical_weights": mine["sha256"] == base["sha256"],
-                    "zeroshot_top1": mine["zeroshot_top1"], "baseline_zeroshot_top1": base["zeroshot_top1"]})
+                    q: mine[q], f"baseline_{q}": base[q]})
     return out
 
 
@@ -501,18 +741,20 @@ def predicted_costs(runs: list[dict]) -> dict[str, Any]:
 
 def summarize(setup: Setup, runs: list[dict], exact: bool) -> dict[str, Any]:
     """Every study's tables from the finished runs (pure: reads only the run records)."""
+    fam = family_of(setup)
     methods = ["official"] + (["exact"] if exact else [])
-    summary: dict[str, Any] = {"main": {"baseline": baseline_summary(runs, setup.main, list(range(setup.seeds)))}}
+    summary: dict[str, Any] = {"main": {"baseline": baseline_summary(runs, setup.main, list(range(setup.seeds)),
+                                                                     fam)}}
     for method in methods:
         summary["main"][method] = chain_summary(
-            runs, _find(runs, method=method, models=setup.main, fraction=setup.chain_fraction))
+            runs, _find(runs, method=method, models=setup.main, fraction=setup.chain_fraction), fam)
     if "search" in setup.studies:
         summary["compute_to_reach"] = {m: compute_to_reach(setup, runs, m) for m in methods}
     if "length" in setup.studies:
         summary["chain_length"] = chain_length_study(setup, runs, methods)
     if "ablation" in setup.studies:
         summary["ablation"] = ablation_study(setup, runs)
-    summary["first_stage_reuse_check"] = first_stage_check(runs)
+    summary["first_stage_reuse_check"] = first_stage_check(runs, fam)
     return summary
 
 
@@ -520,7 +762,58 @@ def summarize(setup: Setup, runs: list[dict], exact: bool) -> dict[str, Any]:
 # Outputs.
 # ---------------------------------------------------------------------------
 
-def machine() -> dict[str, Any]:
+def verdicts(result: dict[str, Any]) -> list[str]:
+    """What the tables say, in sentences: did each CoM-PT model match its from-scratch baseline, and at what cost."""
+    quality = family_of(result["setup"]).quality
+    q, tol, summary = quality.key, result["setup"]["match_tolerance"], result["summary"]
+    fmt = quality.format
+    base = summary["main"]["baseline"]["per_model"]
+    out = [f"From scratch, every model at the full budget ({quality.label}): "
+           + ", ".join(f"{row['name']} {fmt(row[q])}" for row in base) + "."]
+    for small, big in zip(base, base[1:]):
+        if quality.matches(small[q], big[q], tol):  # the bigger model is not clearly better
+            out.append(f"From scratch, {big['name']} is only {quality.gap(big[q], small[q])} vs {small['name']} "
+                       f"(within the tolerance): at this budget the larger model barely improves on the smaller one, "
+                       f"an easy baseline for a chain model that inherits a trained predecessor.")
+    for method, c in summary["main"].items():
+        if method == "baseline":
+            continue
+        parts = []
+        for row in c["per_model"][1:]:
+            value, base = row[q], row[f"baseline_{q}"]
+            verdict = "matches" if quality.matches(value, base, tol) else "does NOT match"
+            parts.append(f"{row['name']} {quality.format(value)} vs {quality.format(base)} from scratch "
+                         f"({quality.gap(value, base)}: {verdict})")
+        out.append(f"**{method}** (main comparison, {quality.label}): acceleration {_x(c['acceleration_flops'])} by "
+                   f"FLOPs, {_x(c['acceleration_wall'])} by wall time; " + "; ".join(parts) + ".")
+    for method, rows in (summary.get("compute_to_reach") or {}).items():
+        parts = []
+        for row in rows:
+            if row["reached_at_fraction"] is None:
+                parts.append(f"{row['model']} not reached at any searched budget "
+                             f"(up to {max(row['searched_fractions']):g} of the from-scratch one)")
+            else:
+                parts.append(f"{row['model']} reached at {row['reached_at_fraction']:g} of the from-scratch budget "
+                             f"({_x(row['saving_vs_baseline'])} fewer stage FLOPs)")
+        out.append(f"**{method}**, compute to reach the baseline: " + "; ".join(parts) + ".")
+    for method in dict.fromkeys(r["method"] for r in summary.get("chain_length") or []):
+        rows = [r for r in summary["chain_length"] if r["method"] == method]
+        out.append(f"Chain length, {method}: the largest model reaches "
+                   + ", ".join(f"{fmt(r[f'largest_{q}'])} via {' → '.join(r['models'])} "
+                               f"({_x(r['acceleration_flops'])} by FLOPs)" for r in rows)
+                   + f"; {fmt(rows[0][f'largest_baseline_{q}'])} from scratch.")
+    if summary.get("ablation"):
+        rows = sorted(summary["ablation"], key=lambda r: r["per_model"][-1][q], reverse=quality.higher_is_better)
+        last = rows[0]["per_model"][-1]
+        out.append(f"Ablation, {last['name']} {quality.label} from best to worst: "
+                   + ", ".join(f"{r['variant']} {fmt(r['per_model'][-1][q])}" for r in rows)
+                   + f"; {fmt(last[f'baseline_{q}'])} from scratch.")
+    if result["setup"]["seeds"] == 1:
+        out.append("One seed: the seed-to-seed spread is not measured, so small differences are not resolved.")
+    return out
+
+
+def machine(fam: Family) -> dict[str, Any]:
     import torch
 
     def version(pkg):
@@ -533,7 +826,7 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "deepspeed": version("deepspeed"), "open_clip_torch": version("open_clip_torch"),
+            "deepspeed": version("deepspeed"), fam.library[1]: version(fam.library[1]),
             "cuda": torch.cuda.is_available()}
 
 
@@ -543,6 +836,17 @@ def _pct(x: float | None, std: float | None = None) -> str:
     return f"{100 * x:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
+def _num(x: float | None, std: float | None = None, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _ratio(x: float | None, base: float | None) -> str:
+    """x relative to base, as a signed percentage."""
+    return "-" if x is None or base is None else f"{x / base - 1:+.1%}"
+
+
 def _x(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -550,6 +854,8 @@ def _x(x: float | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     from compt.flops import format_flops
 
+    fam = family_of(result["setup"])
+    quality, q, label = fam.quality, fam.quality.key, fam.quality.label
     s = result["summary"]
     m = result["machine"]
     reused = sum(r["finished_in_an_earlier_invocation"] for r in result["runs"])
@@ -557,58 +863,59 @@ def markdown(result: dict[str, Any]) -> str:
         f"# CoM-PT acceleration benchmark: {result['name']} ({result['mode']})", "",
         f"Command: `{result['command']}`  ",
         f"Machine: {m['platform']}, {m['cpu_count']} CPU(s) ({m['cpus_usable']} usable), torch {m['torch']} "
-        f"({m['torch_threads']} threads), deepspeed {m['deepspeed']}, open_clip {m['open_clip_torch']}  ",
+        f"({m['torch_threads']} threads), deepspeed {m['deepspeed']}, {fam.library[0]} {m.get(fam.library[1])}  ",
         f"Load average at start / end: {result['loadavg_start']} / {result['loadavg_end']} (a shared machine: "
         f"wall times are noisy)  ",
         f"Time: {result['seconds']:.0f} s for {len(result['runs'])} chains"
         + (f" ({reused} finished in an earlier invocation, reused)" if reused else "")
         + f" (training stages: {result['stage_seconds']:.0f} s in all)"
-        + "; data: digit-numbers "
-        f"(90 classes, 8,100 train / 900 val), seeds: {result['setup']['seeds']}", "",
-        "## Main comparison (zero-shot top-1 and retrieval R@1 on the val split; mean ± std over seeds)", "",
-        "| method | model | top-1 | I→T R@1 | T→I R@1 | init top-1 | FLOPs | wall |",
-        "|---|---|---|---|---|---|---|---|",
+        + f"; data: {fam.data_caption(result['setup'])}, seeds: {result['setup']['seeds']}", "",
+        f"## Main comparison ({fam.main_caption})", "",
+        "| method | model | " + " | ".join(h for h, _ in fam.columns) + " | FLOPs | wall |",
+        "|---|---|" + "---|" * len(fam.columns) + "---|---|",
     ]
     for method, c in s["main"].items():
         for row in c["per_model"]:
-            lines.append(f"| {method} | {row['name']} | {_pct(row['zeroshot_top1'], row['zeroshot_top1_std'])} | "
-                         f"{_pct(row['i2t_R@1'])} | {_pct(row['t2i_R@1'])} | {_pct(row.get('init_zeroshot_top1'))} | "
-                         f"{format_flops(row['flops'])} | {row['wall_seconds']:.0f} s |")
+            lines.append(f"| {method} | {row['name']} | " + " | ".join(cell(row) for _, cell in fam.columns)
+                         + f" | {format_flops(row['flops'])} | {row['wall_seconds']:.0f} s |")
     lines += ["", "| method | chain | FLOPs | wall | acceleration (FLOPs) | acceleration (wall) | "
-                  "acceleration (train seconds) | largest model top-1 |", "|---|---|---|---|---|---|---|---|"]
+                  f"acceleration (train seconds) | largest model {label} |", "|---|---|---|---|---|---|---|---|"]
     for method, c in s["main"].items():
         lines.append(f"| {method} | {' → '.join(c['models'])} | {format_flops(c['flops'])} | "
                      f"{c['wall_seconds']:.0f} s | {_x(c['acceleration_flops'])} | {_x(c['acceleration_wall'])} | "
-                     f"{_x(c['acceleration_train_seconds'])} | {_pct(c['per_model'][-1]['zeroshot_top1'])} |")
+                     f"{_x(c['acceleration_train_seconds'])} | {quality.format(c['per_model'][-1][q])} |")
     if s.get("compute_to_reach"):
         lines += ["", "## Compute to reach the baseline's quality (seed 0; searched stage budgets = fractions of "
                       "the from-scratch budget)", "",
-                  "| method | model | baseline top-1 | top-1 at each searched fraction | reached at | "
+                  f"| method | model | baseline {label} | {label} at each searched fraction | reached at | "
                   "stage FLOPs to reach | baseline FLOPs / that |", "|---|---|---|---|---|---|---|"]
         for method, rows in s["compute_to_reach"].items():
             for row in rows:
-                pts = ", ".join(f"{p['fraction']:g}: {_pct(p['zeroshot_top1'])}" for p in row["points"])
-                lines.append(f"| {method} | {row['model']} | {_pct(row['baseline_zeroshot_top1'])} | {pts} | "
+                pts = ", ".join(f"{p['fraction']:g}: {quality.format(p[q])}" for p in row["points"])
+                lines.append(f"| {method} | {row['model']} | {quality.format(row[f'baseline_{q}'])} | {pts} | "
                              f"{row['reached_at_fraction'] if row['reached_at_fraction'] is not None else 'not reached'}"
                              f" | {format_flops(row['stage_flops_to_reach']) if row['stage_flops_to_reach'] else '-'}"
                              f" | {_x(row['saving_vs_baseline'])} |")
     if s.get("chain_length"):
         lines += ["", "## Chain length (same smallest and largest model; seed 0)", "",
-                  "| method | chain | acceleration (FLOPs) | acceleration (wall) | largest top-1 (baseline) | "
-                  "mean top-1 (baseline) |", "|---|---|---|---|---|---|"]
+                  f"| method | chain | acceleration (FLOPs) | acceleration (wall) | largest {label} (baseline) | "
+                  f"mean {label} (baseline) |", "|---|---|---|---|---|---|"]
         for row in s["chain_length"]:
             lines.append(f"| {row['method']} | {' → '.join(row['models'])} | {_x(row['acceleration_flops'])} | "
-                         f"{_x(row['acceleration_wall'])} | {_pct(row['largest_zeroshot_top1'])} "
-                         f"({_pct(row['largest_baseline_zeroshot_top1'])}) | {_pct(row['mean_zeroshot_top1'])} "
-                         f"({_pct(row['mean_baseline_zeroshot_top1'])}) |")
+                         f"{_x(row['acceleration_wall'])} | {quality.format(row[f'largest_{q}'])} "
+                         f"({quality.format(row[f'largest_baseline_{q}'])}) | {quality.format(row[f'mean_{q}'])} "
+                         f"({quality.format(row[f'mean_baseline_{q}'])}) |")
     if s.get("ablation"):
         models = result["setup"]["main"]
         lines += ["", "## Ablation (seed 0; later stages at the chain budget)", "",
-                  "| variant | " + " | ".join(f"{n} top-1 (init)" for n in models) + " | acceleration (FLOPs) |",
+                  "| variant | " + " | ".join(f"{n} {label} (init)" for n in models) + " | acceleration (FLOPs) |",
                   "|---|" + "---|" * len(models) + "---|"]
         for row in s["ablation"]:
-            cells = [f"{_pct(p['zeroshot_top1'])} ({_pct(p['init_zeroshot_top1'])})" for p in row["per_model"]]
+            cells = [f"{quality.format(p[q])} ({quality.format(p[f'init_{q}'])})" for p in row["per_model"]]
             lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {_x(row['acceleration_flops'])} |")
+    findings = fam.findings(result)
+    if findings:
+        lines += ["", "## What the numbers show", ""] + [f"- {f}" for f in findings]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -618,7 +925,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
+    fam = family_of(result["setup"])
+    q, scale = fam.quality.key, fam.quality.plot_scale
     colors = {"baseline": "tab:gray", "official": "tab:blue", "exact": "tab:green"}
     fig, ax = plt.subplots(figsize=(10.5, 4.8))
     for method, c in result["summary"]["main"].items():
@@ -626,7 +936,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for row in c["per_model"]:
             cum += row["flops"]
             xs.append(cum)
-        ys = [100 * row["zeroshot_top1"] for row in c["per_model"]]
+        ys = [scale * row[q] for row in c["per_model"]]
         label = ("baseline (each model from scratch)" if method == "baseline"
                  else f"CoM-PT {method} ({_x(c['acceleration_flops'])} fewer FLOPs)")
         ax.plot(xs, ys, marker="o", color=colors.get(method), label=label)
@@ -641,21 +951,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
         last = rows[-1]
         pts = [p for p in last["points"] if p["fraction"] != result["setup"]["chain_fraction"]]
         if pts:
-            ax.scatter([p["chain_flops_through_model"] for p in pts], [100 * p["zeroshot_top1"] for p in pts],
+            ax.scatter([p["chain_flops_through_model"] for p in pts], [scale * p[q] for p in pts],
                        facecolors="none", edgecolors=colors.get(method), s=50,
                        label=f"{method}, other budgets (fractions {', '.join(format(p['fraction'], 'g') for p in pts)})")
     ablation_colors = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
     for row in result["summary"].get("ablation") or []:
         if row["method"] in ("official", "exact"):
             continue
-        ax.scatter([sum(p["flops"] for p in row["per_model"])], [100 * row["per_model"][-1]["zeroshot_top1"]],
+        ax.scatter([sum(p["flops"] for p in row["per_model"])], [scale * row["per_model"][-1][q]],
                    marker="x", s=40, color=next(ablation_colors), label=f"ablation: {row['variant']}")
-    if ax.get_ylim()[0] < 20:  # near chance: show it
-        ax.axhline(100 / 90, color="black", lw=0.8, ls=":", label="chance (1/90)")
+    fam.decorate(ax, result)
     ax.set_xscale("log")
+    ax.set_yscale(fam.yscale)
+    if fam.yscale == "log":  # plain numbers (perplexities), not powers of ten
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.margins(x=0.06, y=0.12)
     ax.set_xlabel("cumulative training FLOPs of the family (counted)")
-    ax.set_ylabel("zero-shot top-1 on digit-numbers val (%)")
+    ax.set_ylabel(fam.ylabel)
     title = "quality vs compute" + (f": {result['name']}" if result["name"] != result["mode"] else "")
     ax.set_title(f"{title} ({result['mode']} mode, seeds: {result['setup']['seeds']})")
     ax.grid(True, which="both", alpha=0.3)
@@ -671,14 +985,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="clip",
+                   help="clip: CLIPs on digit-numbers, quality = zero-shot top-1; llama: LLaMAs on the pydoc "
+                        "corpus, quality = validation perplexity (default: clip)")
     p.add_argument("--quick", action="store_true", help="tiny models, few steps, 1 seed, main comparison only")
-    p.add_argument("--name", default=None, help="results name (default: quick or full)")
+    p.add_argument("--name", default=None,
+                   help="results name (default: quick or full; for llama llama-quick or llama-full)")
     p.add_argument("--seeds", type=int, default=None, help="seeds of the main comparison (default: 3, quick 1)")
     p.add_argument("--studies", default=None,
                    help=f"comma-separated subset of {','.join(STUDIES)} (default: all, quick: main,search)")
     p.add_argument("--baseline-steps", type=int, default=None, help="from-scratch budget per model, in steps")
     p.add_argument("--chain-fraction", type=float, default=None, help="later chain stages' budget fraction")
     p.add_argument("--search-fractions", default=None, help="comma-separated budget fractions to search")
+    p.add_argument("--match-tolerance", type=float, default=None,
+                   help="a CoM-PT model matches its baseline within this: top-1 points (clip, default 0) or a "
+                        "fraction of the baseline's perplexity (llama, default 0.05)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="folder for json/md/png")
     p.add_argument("--workdir", default=None, help="run directories (default: runs/bench-acceleration-<name>)")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first instead of reusing finished runs")
@@ -694,7 +1015,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_setup(args: argparse.Namespace) -> Setup:
     import copy
 
-    setup = copy.deepcopy(QUICK if args.quick else FULL)
+    fam = FAMILIES[args.family]
+    setup = copy.deepcopy(fam.quick if args.quick else fam.full)
     if args.seeds is not None:
         setup.seeds = args.seeds
     if args.studies is not None:
@@ -708,6 +1030,8 @@ def build_setup(args: argparse.Namespace) -> Setup:
         setup.chain_fraction = args.chain_fraction
     if args.search_fractions is not None:
         setup.search_fractions = [float(f) for f in args.search_fractions.split(",")]
+    if args.match_tolerance is not None:
+        setup.match_tolerance = args.match_tolerance
     if setup.chain_fraction not in setup.search_fractions:
         setup.search_fractions = sorted(setup.search_fractions + [setup.chain_fraction])
     return setup
@@ -716,7 +1040,8 @@ def build_setup(args: argparse.Namespace) -> Setup:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup = build_setup(args)
-    name = args.name or ("quick" if args.quick else "full")
+    fam = family_of(setup)
+    name = args.name or fam.result_prefix + ("quick" if args.quick else "full")
     if args.replot:
         stem = Path(args.results) / f"acceleration-{name}"
         result = json.loads(Path(f"{stem}.json").read_text())
@@ -748,30 +1073,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(setup, runs, exact)
     summary["predicted_vs_measured_flops"] = predicted_costs(runs)
 
-    notes = [
-        exact_note,
-        "Quality is zero-shot top-1 over all 90 classes of the digit-numbers val split (900 images built from "
-        "digit images never seen in training; 9 of the 90 numbers never appear in training at all).",
-        "FLOPs are the launcher's counted flops.total per stage (student forward+backward + teacher forward, "
-        "torch.utils.flop_counter); the first model is counted in the baseline and in every chain.",
-        "Wall time is the sum of the stages' wall_seconds (build, growth, training, evaluation, saving); launcher "
-        "start-up is excluded. 'train seconds' stops before the final evaluation.",
-        f"Budgets: every from-scratch model {setup.baseline_steps} steps at global batch {setup.batch_size}; "
-        f"CoM-PT later stages {setup.chain_fraction:g} of that; lr {setup.lr:g}, warmup "
-        f"{setup.warmup_fraction:g} of each stage's steps, cosine to 0, alpha {setup.alpha:g}.",
-        f"'Matches the baseline' means top-1 >= baseline top-1 - {setup.match_tolerance:g}, seed 0 on both sides.",
-    ]
+    notes = [exact_note, *fam.notes(setup)]
     if args.quick:
-        notes.insert(0, "QUICK MODE: a check of the whole pipeline (launcher, accounting, reports) with budgets far "
-                        "below what these models need to learn 90 classes (chance is 1.1%); its qualities are not a "
-                        "measurement of CoM-PT. The full mode is the measurement.")
+        notes.insert(0, fam.quick_note)
     if not args.retrain_first_stage:
         notes.append("A chain's first stage is the baseline's (identical config and seed), reused through the "
                      "launcher's resume; one chain per seed retrains it, see first_stage_reuse_check.")
     result = {
         "name": name, "mode": "quick" if args.quick else "full",
         "command": shlex.join(["python", *(sys.argv if argv is None else ["benchmarks/acceleration.py", *argv])]),
-        "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
+        "machine": machine(fam), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
         "seconds": round(time.time() - t0, 1), "loadavg_start": load0,
         # Wall seconds of every stage trained for these results (a reused first stage counts once).
         "stage_seconds": round(sum(st["wall_seconds"] for r in runs
