@@ -202,7 +202,7 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     resuming = StageCheckpointer.exists(ckpt_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        run.update_stage(k, status="running")
+        run.update_stage(k, status="running", error=None)  # a rerun of a failed stage starts clean
 
     # The student: its library's own init, ZeRO-3 partitioned, grown from the predecessor.
     family = family_of(cfg.family)

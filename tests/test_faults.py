@@ -183,3 +183,5 @@ def test_too_much_bad_data_stops_with_examples_then_resumes(tmp_path, bad_data_c
     assert "resuming from checkpoint at step 10" in proc.stdout + proc.stderr
     m = json.loads((tmp_path / "run" / "stages" / "0-a" / "metrics.json").read_text())
     assert m["bad_samples"]["count"] == 4 and m["steps"] == 10
+    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"][0]
+    assert entry["status"] == "done" and entry["error"] is None  # the earlier failure is cleared
