@@ -9,7 +9,6 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from compt.clip.model import resolve_model_config
 
 
 @dataclass(frozen=True)
