@@ -90,8 +90,10 @@ class RunDir:
 
     def conflict(self, cfg: ChainConfig, ds_config: dict, accept_change: bool = False) -> str | None:
         """Why this run directory cannot take ``cfg`` (read-only, so every rank can ask)."""
-        changed = self.changed_stages(cfg, ds_config)
-        if not changed or accept_change:
+        return None if accept_change else self._refusal(self.changed_stages(cfg, ds_config))
+
+    def _refusal(self, changed: list[dict]) -> str | None:
+        if not changed:
             return None
         names = ", ".join(f"{e['index']} '{e['name']}' ({e['status']})" for e in changed)
         return (f"--output {self.root} holds a run whose config differs for stage(s) with progress: {names}. "
@@ -106,11 +108,12 @@ class RunDir:
     def open(self, cfg: ChainConfig, ds_config: dict, accept_change: bool = False) -> dict:
         """Create the manifest, or take over an existing one: unchanged stages keep their state;
         changed stages with progress (only with ``accept_change``) move to ``replaced/`` and restart."""
-        problem = self.conflict(cfg, ds_config, accept_change)
+        changed_entries = self.changed_stages(cfg, ds_config)
+        problem = None if accept_change else self._refusal(changed_entries)
         if problem:
             raise ValueError(problem)
         old = self.read_manifest()
-        changed = {e["index"] for e in self.changed_stages(cfg, ds_config)}
+        changed = {e["index"] for e in changed_entries}
         if changed:
             aside = self.root / "replaced" / time.strftime("%Y%m%d-%H%M%S")
             for e in old["stages"]:

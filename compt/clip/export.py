@@ -70,8 +70,10 @@ def _read_manifest(run: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_stage(stage_dir: str | Path) -> FinishedStage:
-    """A stage the manifest marks done, with its weights checked against the recorded sha256."""
+def read_stage(stage_dir: str | Path, from_entry: Callable | None = None) -> FinishedStage:
+    """A stage the manifest marks done, with its weights checked against the recorded sha256.
+
+    ``from_entry(run, manifest, entry)`` reads one manifest entry (default: a CLIP stage)."""
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         raise ExportError(f"{stage_dir} is not a directory; pass RUN_DIR/stages/<k>-<name>")
@@ -81,10 +83,11 @@ def read_stage(stage_dir: str | Path) -> FinishedStage:
     if not entries:
         raise ExportError(f"{stage_dir} is not a stage listed in {run / 'manifest.json'}; "
                           "pass RUN_DIR/stages/<k>-<name>")
-    return _stage_from_entry(run, manifest, entries[0])
+    return (from_entry or _stage_from_entry)(run, manifest, entries[0])
 
 
-def _stage_from_entry(run: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> FinishedStage:
+def finished_weights(run: Path, entry: dict[str, Any]) -> tuple[str, Path]:
+    """(label, weights path) of a manifest entry marked done whose weights match their sha256."""
     label = f"stage {Path(entry['dir']).name}"
     if entry.get("status") != "done":
         raise ExportError(f"{label} has status '{entry.get('status')}' in {run / 'manifest.json'}; only finished "
@@ -96,6 +99,11 @@ def _stage_from_entry(run: Path, manifest: dict[str, Any], entry: dict[str, Any]
     if not entry.get("sha256") or sha256_file(weights) != entry["sha256"]:
         raise ExportError(f"{label}: weights file {weights} does not match the sha256 in the manifest "
                           "(corrupt or replaced); retrain the stage (rerun the launcher with the same --output)")
+    return label, weights
+
+
+def _stage_from_entry(run: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> FinishedStage:
+    label, weights = finished_weights(run, entry)
     stage_dir = run / entry["dir"]
     model_cfg = _read_json(stage_dir / "config.json", f"{label}: model config")
     metrics = _read_json(stage_dir / "metrics.json", f"{label}: metrics")
@@ -103,7 +111,7 @@ def _stage_from_entry(run: Path, manifest: dict[str, Any], entry: dict[str, Any]
                          model_cfg, metrics, manifest)
 
 
-def read_run(run_dir: str | Path) -> list[FinishedStage]:
+def read_run(run_dir: str | Path, from_entry: Callable | None = None) -> list[FinishedStage]:
     """Every stage of a run, all finished and intact, or one error naming each problem."""
     run = Path(run_dir)
     if not run.is_dir():
@@ -112,7 +120,7 @@ def read_run(run_dir: str | Path) -> list[FinishedStage]:
     stages, problems = [], []
     for entry in manifest["stages"]:
         try:
-            stages.append(_stage_from_entry(run, manifest, entry))
+            stages.append((from_entry or _stage_from_entry)(run, manifest, entry))
         except ExportError as e:
             problems.append(str(e))
     if problems:

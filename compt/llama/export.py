@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from compt.clip.export import (ExportError, ExportResult, FinishedStage, _check_out, _read_json, _read_manifest,
+from compt.clip import export as clip_export
+from compt.clip.export import (ExportError, ExportResult, FinishedStage, _check_out, _read_json, finished_weights,
                                write_staged)
-from compt.weights import sha256_file
 
 FORMATS = ("transformers",)
 TOKENIZER_DIR = "tokenizer"  # <run>/tokenizer/tokenizer.json, shared by every stage
@@ -31,49 +31,18 @@ DEFAULT_SEQ_LEN = 128  # compt.text.TextDataConfig.seq_len's default
 def read_stage(stage_dir: str | Path) -> FinishedStage:
     """A stage the manifest marks done, its weights checked against the recorded sha256 and
     against LlamaForCausalLM(config.json)'s tensor names and shapes."""
-    stage_dir = Path(stage_dir)
-    if not stage_dir.is_dir():
-        raise ExportError(f"{stage_dir} is not a directory; pass RUN_DIR/stages/<k>-<name>")
-    run = stage_dir.resolve().parent.parent
-    manifest = _read_manifest(run)
-    entries = [e for e in manifest["stages"] if (run / e.get("dir", "")).resolve() == stage_dir.resolve()]
-    if not entries:
-        raise ExportError(f"{stage_dir} is not a stage listed in {run / 'manifest.json'}; "
-                          "pass RUN_DIR/stages/<k>-<name>")
-    return _stage_from_entry(run, manifest, entries[0])
+    return clip_export.read_stage(stage_dir, from_entry=_stage_from_entry)
 
 
 def read_run(run_dir: str | Path) -> list[FinishedStage]:
     """Every stage of a run, all finished and intact, or one error naming each problem."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ExportError(f"{run} is not a directory; pass a run directory (the launcher's --output)")
-    manifest = _read_manifest(run)
-    stages, problems = [], []
-    for entry in manifest["stages"]:
-        try:
-            stages.append(_stage_from_entry(run, manifest, entry))
-        except ExportError as e:
-            problems.append(str(e))
-    if problems:
-        raise ExportError("cannot export the whole family:\n" + "\n".join(f"  - {p}" for p in problems))
-    return stages
+    return clip_export.read_run(run_dir, from_entry=_stage_from_entry)
 
 
 def _stage_from_entry(run: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> FinishedStage:
     from compt.llama.model import resolve_llama_config
 
-    label = f"stage {Path(entry['dir']).name}"
-    if entry.get("status") != "done":
-        raise ExportError(f"{label} has status '{entry.get('status')}' in {run / 'manifest.json'}; only finished "
-                          "('done') stages can be exported: finish the chain first (rerun the launcher with the "
-                          "same --output)")
-    weights = run / (entry.get("weights") or f"{entry['dir']}/model.safetensors")
-    if not weights.is_file():
-        raise ExportError(f"{label}: weights file {weights} is missing")
-    if not entry.get("sha256") or sha256_file(weights) != entry["sha256"]:
-        raise ExportError(f"{label}: weights file {weights} does not match the sha256 in the manifest "
-                          "(corrupt or replaced); retrain the stage (rerun the launcher with the same --output)")
+    label, weights = finished_weights(run, entry)
     stage_dir = run / entry["dir"]
     config_path = stage_dir / "config.json"
     if not config_path.is_file():
