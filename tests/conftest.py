@@ -13,6 +13,7 @@ settings.register_profile("compt", derandomize=True, deadline=None)
 settings.load_profile("compt")
 
 REPO = Path(__file__).resolve().parent.parent
+DS = str(REPO / "ds_configs" / "zero3.json")  # the default DeepSpeed config the tests launch with
 
 
 def tiny_model(width: int = 32, layers: int = 1, embed: int = 32) -> dict:
@@ -78,3 +79,32 @@ def write_chain(path: Path, chain: dict) -> Path:
 @pytest.fixture
 def chain_yaml(tmp_path, chain_dict) -> Path:
     return write_chain(tmp_path / "chain.yaml", chain_dict)
+
+
+def deepspeed_launch(args: list[str], port: int, timeout: int = 600):
+    """``deepspeed --master_port PORT ARGS`` from the repo root; asserts success, returns the CompletedProcess."""
+    import os
+    import subprocess
+
+    cmd = ["deepspeed", "--master_port", str(port), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def run_chain_with_ranks(root: Path, chain: Path, ports: dict[int, int]) -> dict:
+    """The chain trained once per rank count: {ranks: (run_dir, log), "chain": chain}."""
+    out: dict = {"chain": chain}
+    for ranks, port in ports.items():
+        run_dir = root / f"run{ranks}"
+        proc = deepspeed_launch(["--num_gpus", str(ranks), "launch/chain.py", "--chain", str(chain), "--ds_config",
+                                 DS, "--output", str(run_dir)], port)
+        out[ranks] = (run_dir, proc.stdout + proc.stderr)
+    return out
+
+
+def stage_metrics(run_dir: Path, k: int, name: str) -> dict:
+    import json
+
+    return json.loads((run_dir / "stages" / f"{k}-{name}" / "metrics.json").read_text())

@@ -12,17 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from compt.weights import sha256_file
-from conftest import REPO, write_chain
-
-DS = str(REPO / "ds_configs" / "zero3.json")
-
-
-def _launch(args: list[str], port: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = ["deepspeed", "--master_port", str(port), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+from conftest import DS, REPO, deepspeed_launch, run_chain_with_ranks, stage_metrics, write_chain
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +20,7 @@ def runs(tmp_path_factory):
     from conftest import TINY_CHAIN
 
     root = tmp_path_factory.mktemp("e2e")
-    chain = write_chain(root / "chain.yaml", TINY_CHAIN)
-    out = {}
-    for ranks, port in ((2, 29611), (1, 29612)):
-        run_dir = root / f"run{ranks}"
-        proc = _launch(["--num_gpus", str(ranks), "launch/chain.py", "--chain", str(chain), "--ds_config", DS,
-                        "--output", str(run_dir)], port)
-        out[ranks] = (run_dir, proc.stdout + proc.stderr)
-    out["chain"] = chain
-    return out
-
-
-def _metrics(run_dir, k, name):
-    return json.loads((run_dir / "stages" / f"{k}-{name}" / "metrics.json").read_text())
+    return run_chain_with_ranks(root, write_chain(root / "chain.yaml", TINY_CHAIN), {2: 29611, 1: 29612})
 
 
 def test_run_directory_contract(runs):
@@ -53,7 +31,7 @@ def test_run_directory_contract(runs):
     for k, entry in enumerate(manifest["stages"]):
         stage_dir = run_dir / entry["dir"]
         assert sha256_file(run_dir / entry["weights"]) == entry["sha256"]
-        m = _metrics(run_dir, k, entry["name"])
+        m = stage_metrics(run_dir, k, entry["name"])
         assert m["ranks"] == 2
         for key in ("zeroshot_top1", "zeroshot_top5", "samples_seen", "wall_seconds"):
             assert m[key] is not None
@@ -68,7 +46,7 @@ def test_run_directory_contract(runs):
             assert -1 <= m["init_cosine"]["image"] <= 1 and m["init_zeroshot_top1"] is not None
             assert m["grown_tensors"] > 0
     # exact growth (stage c, depth 1 -> 2 with noise) starts where its teacher ended
-    b, c = _metrics(run_dir, 1, "b"), _metrics(run_dir, 2, "c")
+    b, c = stage_metrics(run_dir, 1, "b"), stage_metrics(run_dir, 2, "c")
     assert c["init_zeroshot_top1"] == b["zeroshot_top1"]
     assert min(c["init_cosine"].values()) > 0.9999
     assert "chain 'tiny' (2 rank(s))" in log
@@ -87,7 +65,7 @@ def test_stage_weights_load_into_stock_open_clip(runs):
 def test_one_and_two_ranks_agree(runs):
     (one, _), (two, _) = runs[1], runs[2]
     for k, name in enumerate(["a", "b", "c"]):
-        m1, m2 = _metrics(one, k, name), _metrics(two, k, name)
+        m1, m2 = stage_metrics(one, k, name), stage_metrics(two, k, name)
         assert m1["steps"] == m2["steps"] and m1["flops"] == m2["flops"]
         assert abs(m1["final_loss"] - m2["final_loss"]) < 1e-3 * abs(m1["final_loss"])
         assert abs(m1["zeroshot_top1"] - m2["zeroshot_top1"]) <= 2 / 360 + 1e-9
@@ -104,7 +82,7 @@ def test_compt_eval_reproduces_metrics(runs):
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
-    saved = _metrics(run_dir, 1, "b")
+    saved = stage_metrics(run_dir, 1, "b")
     assert got["zeroshot_top1"] == pytest.approx(saved["zeroshot_top1"], abs=1e-6)
     assert got["retrieval"]["text_to_image"]["R@5"] == pytest.approx(saved["retrieval"]["text_to_image"]["R@5"])
     bad = subprocess.run([sys.executable, "-m", "compt.cli", "eval", str(run_dir)], capture_output=True, text=True,
@@ -115,7 +93,7 @@ def test_compt_eval_reproduces_metrics(runs):
 def test_rerun_skips_finished_stages(runs):
     run_dir, _ = runs[1]
     before = (run_dir / "stages" / "0-a" / "model.safetensors").stat().st_mtime_ns
-    proc = _launch(["launch/chain.py", "--chain", str(runs["chain"]), "--ds_config", DS, "--output", str(run_dir)],
+    proc = deepspeed_launch(["launch/chain.py", "--chain", str(runs["chain"]), "--ds_config", DS, "--output", str(run_dir)],
                    29613)
     log = proc.stdout + proc.stderr
     assert log.count("already done (weights verified), skipping") == 3
@@ -171,7 +149,7 @@ def test_sigkill_mid_stage_then_resume_is_bit_identical(runs, tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"]] == ["done", "running", "pending"]
 
-    log = _launch(cmd[3:], 29615)
+    log = deepspeed_launch(cmd[3:], 29615)
     assert "stage 1 b: resuming from checkpoint at step" in log.stdout + log.stderr
     reference = runs[1][0]
     for k, name in enumerate(["a", "b", "c"]):
@@ -222,7 +200,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(runs, tmp_path,
     statuses = [s["status"] for s in json.loads((run_dir / "manifest.json").read_text())["stages"]]
     print(f"killed with stages {statuses}")
 
-    _launch(cmd[3:], port + 1)
+    deepspeed_launch(cmd[3:], port + 1)
     reference = runs[ranks][0]
     for k, name in enumerate(["a", "b", "c"]):
         assert _same(_weights(run_dir, k, name), _weights(reference, k, name)), f"stage {name} differs ({statuses})"

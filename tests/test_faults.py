@@ -16,9 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from compt.weights import SafetensorsStreamWriter
-from conftest import REPO, tiny_model, write_chain
-
-DS = str(REPO / "ds_configs" / "zero3.json")
+from conftest import DS, REPO, tiny_model, write_chain
 
 
 def _checkpoint_job(scenario: str, root, port: int) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 
 import pytest
@@ -12,9 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from compt.config import ChainConfigError, load_chain
-from conftest import REPO, write_chain
-
-DS = str(REPO / "ds_configs" / "zero3.json")
+from conftest import DS, REPO, run_chain_with_ranks, stage_metrics, write_chain
 
 
 def llama(hidden: int, layers: int, heads: int, kv: int, mlp: int) -> dict:
@@ -40,35 +37,17 @@ LLAMA_CHAIN = {
 }
 
 
-def _launch(args: list[str], port: int, ranks: int) -> subprocess.CompletedProcess:
-    cmd = ["deepspeed", "--master_port", str(port), "--num_gpus", str(ranks), "launch/chain.py", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def llama_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
-    chain = write_chain(root / "chain.yaml", LLAMA_CHAIN)
-    out = {"chain": chain}
-    for ranks, port in ((1, 29661), (2, 29662)):
-        run_dir = root / f"run{ranks}"
-        proc = _launch(["--chain", str(chain), "--ds_config", DS, "--output", str(run_dir)], port, ranks)
-        out[ranks] = (run_dir, proc.stdout + proc.stderr)
-    return out
-
-
-def _metrics(run_dir, k, name):
-    return json.loads((run_dir / "stages" / f"{k}-{name}" / "metrics.json").read_text())
+    return run_chain_with_ranks(root, write_chain(root / "chain.yaml", LLAMA_CHAIN), {1: 29661, 2: 29662})
 
 
 def test_exact_growth_starts_at_the_teachers_perplexity(llama_runs):
     run_dir, log = llama_runs[1]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"]] == ["done"] * 3
-    a, b, c = (_metrics(run_dir, k, n) for k, n in enumerate("abc"))
+    a, b, c = (stage_metrics(run_dir, k, n) for k, n in enumerate("abc"))
     assert b["init_val_ppl"] == pytest.approx(b["teacher_val_ppl"], rel=1e-5)
     assert b["teacher_val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-5)
     assert abs(c["init_val_ppl"] / c["teacher_val_ppl"] - 1) > 1e-3  # official growth does not keep the function
@@ -112,7 +91,7 @@ def test_one_and_two_ranks_agree(llama_runs):
         assert one.keys() == two.keys()
         for n in one:
             torch.testing.assert_close(one[n], two[n], atol=2e-3, rtol=0)
-    assert _metrics(llama_runs[2][0], 1, "b")["ranks"] == 2
+    assert stage_metrics(llama_runs[2][0], 1, "b")["ranks"] == 2
 
 
 def test_llama_config_problems_are_reported_together(tmp_path):
@@ -171,4 +150,4 @@ def test_compt_eval_reproduces_llama_metrics(llama_runs):
                           text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout)
-    assert got["val_ppl"] == pytest.approx(_metrics(run_dir, 2, "c")["val_ppl"], rel=1e-5)
+    assert got["val_ppl"] == pytest.approx(stage_metrics(run_dir, 2, "c")["val_ppl"], rel=1e-5)

@@ -14,6 +14,16 @@ from compt.weights import save_zero3_module
 from conftest import REPO, tiny_model
 
 
+def _grow_sharded(tmp_path, small_path, port: int) -> None:
+    """tests/_sharded_growth_job.py with 1 and 2 ranks: writes tmp_path/grown<ranks>-<mode>.safetensors."""
+    for ranks in (1, 2):
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port + ranks),
+               "tests/_sharded_growth_job.py", str(small_path), str(tmp_path / "small.json"),
+               str(tmp_path / "big.json"), "exact,official", str(tmp_path / f"grown{ranks}")]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
 def test_sharded_growth_matches_dense_for_any_rank_count(tmp_path):
     small_cfg, big_cfg = tiny_model(32, 1, embed=32), tiny_model(64, 3, embed=48)
     torch.manual_seed(0)
@@ -26,12 +36,7 @@ def test_sharded_growth_matches_dense_for_any_rank_count(tmp_path):
     (tmp_path / "small.json").write_text(json.dumps(small_cfg))
     (tmp_path / "big.json").write_text(json.dumps(big_cfg))
 
-    for ranks in (1, 2):
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(29620 + ranks),
-               "tests/_sharded_growth_job.py", str(small_path), str(tmp_path / "small.json"),
-               str(tmp_path / "big.json"), "exact,official", str(tmp_path / f"grown{ranks}")]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _grow_sharded(tmp_path, small_path, port=29620)
 
     torch.manual_seed(7)
     init = {k: v.detach() for k, v in build_clip(big_cfg).named_parameters()}
@@ -71,12 +76,7 @@ def test_sharded_llama_growth_matches_dense_for_any_rank_count(tmp_path):
     save_zero3_module(small, small_path)
     (tmp_path / "small.json").write_text(json.dumps(small_cfg))
     (tmp_path / "big.json").write_text(json.dumps(big_cfg))
-    for ranks in (1, 2):
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(29630 + ranks),
-               "tests/_sharded_growth_job.py", str(small_path), str(tmp_path / "small.json"),
-               str(tmp_path / "big.json"), "exact,official", str(tmp_path / f"grown{ranks}")]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _grow_sharded(tmp_path, small_path, port=29630)
 
     torch.manual_seed(7)
     init = {k: v.detach() for k, v in build_llama(big_cfg).named_parameters()}
