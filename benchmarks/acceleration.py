@@ -1020,6 +1020,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="every chain trains its first stage itself instead of reusing the baseline's")
     p.add_argument("--port", type=int, default=29840, help="first --master_port; each launch takes the next")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    p.add_argument("--only-seeds", default=None,
+                   help="comma-separated seeds: train only those seeds' chains, in this order, and write no results "
+                        "(to split a long study across processes or machines sharing --workdir; a last run without "
+                        "it reuses every finished chain and writes the results)")
     p.add_argument("--replot", action="store_true",
                    help="only re-render the markdown and PNG from the existing results JSON of --name")
     return p.parse_args(argv)
@@ -1073,6 +1077,10 @@ def main(argv: list[str] | None = None) -> int:
     exact, exact_note = exact_available(setup, workdir)
     specs = plan(setup, exact)
     print(f"acceleration benchmark '{name}': {len(specs)} chains, workdir {workdir}")
+    if args.only_seeds is not None:
+        order = [int(x) for x in args.only_seeds.split(",") if x.strip()]
+        specs = sorted((s for s in specs if s.seed in order), key=lambda s: (order.index(s.seed), s.transfer is not None))
+        print(f"--only-seeds {args.only_seeds}: {len(specs)} chains, no results written")
     if args.dry_run:
         for spec in specs:
             print(f"  {spec.id}  ({', '.join(sorted(spec.studies))})")
@@ -1082,6 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, spec in enumerate(specs, 1):
         print(f"[{i}/{len(specs)}] {spec.id}", flush=True)
         runs.append(launcher.run(setup, spec))
+    if args.only_seeds is not None:
+        return 0
 
     summary = summarize(setup, runs, exact)
     summary["predicted_vs_measured_flops"] = predicted_costs(runs)
