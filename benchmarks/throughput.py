@@ -4,7 +4,11 @@ vs a plain PyTorch loop (same model, batches, AdamW, clipping), in one process.
     python benchmarks/throughput.py [--model demo-base|ViT-B-16] [--batch 64] [--steps 30] [--zero 3]
 
 Data loading is excluded on both sides (batches are built once), so the ratio measures
-the engine's overhead. Writes benchmarks/results/throughput-<device>.json and .md.
+the engine's overhead. The DeepSpeed side runs compt's own training loop
+(compt.stage._train_loop: the cross-rank finite-loss check, loss logging, fault counters,
+progress bar, checkpoint polling with checkpoints off) with the chain's CLIP loss step;
+the plain side is a bare loop with the same model, loss, AdamW, clipping and schedule.
+Writes benchmarks/results/throughput-<device>-<model>-<ds config>.json and .md (--results).
 On a CUDA device it runs bf16 autocast on both sides and reports images/s and model
 FLOPs utilisation (MFU) against the device's measured bf16 matmul peak.
 """
@@ -30,35 +34,39 @@ DEMO_BASE = {"embed_dim": 64,
 def _batches(model_cfg: dict, batch: int, n: int, device):
     from compt.clip.model import preprocess_for
     from compt.data import DataConfig, build_dataset
-    from compt.loader import train_loader
+    from compt.loader import Batch, train_loader
 
     v = model_cfg["vision_cfg"]
     ds = build_dataset(DataConfig(kind="digits", render_size=min(v["image_size"], 64)), "train")
     pre = preprocess_for(model_cfg)
     loader = train_loader(ds, pre, None, global_batch=batch, steps=min(n, len(ds) // batch), rank=0, world=1,
                           gas=1, seed=0)
-    out = [(b.images.to(device), b.texts.to(device)) for b in loader]
+    out = [Batch(b.images.to(device), b.texts.to(device)) for b in loader]
     return [out[i % len(out)] for i in range(n)]
 
 
-def _time_steps(step, batches, warmup: int, device) -> float:
-    for b in batches[:warmup]:
-        step(*b)
+def _time_loop(loop, batches, warmup: int, device) -> float:
+    """Seconds ``loop`` takes over the batches after the first ``warmup`` (run first, untimed)."""
+    loop(batches[:warmup])
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for b in batches[warmup:]:
-        step(*b)
+    loop(batches[warmup:])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
 def run_deepspeed(model_cfg, batches, args, device) -> float:
+    import tempfile
+
+    from compt.checkpoint import StageCheckpointer
     from compt.config import TrainSettings
     from compt.engine import build_engine, read_ds_config, stage_ds_config
-    from compt.losses import ChainLoss
-    from compt.stage import init_student
+    from compt.families import family_of
+    from compt.faults import Counters
+    from compt.loader import Batch
+    from compt.stage import _train_loop, init_student
 
     settings = TrainSettings(batch_size=args.batch, warmup_steps=5)
     base = read_ds_config(args.ds_config or REPO / "ds_configs" / f"zero{args.zero}.json")
@@ -68,17 +76,20 @@ def run_deepspeed(model_cfg, batches, args, device) -> float:
     zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
     model = init_student(model_cfg, None, 0, ds_cfg if zero3 else None)
     engine = build_engine(model if zero3 else model.to(device), ds_cfg, settings.weight_decay)
-    loss_fn = ChainLoss(None)
+    family = family_of("clip")
+    loss_step = family.loss(None, None, 0, 1, "auto")  # a first stage: contrastive loss only
 
-    def step(images, texts):
+    def loop(part):
         if device.type == "cuda":
-            images = images.to(torch.bfloat16)
-        loss = loss_fn(engine(images, texts)).total
-        engine.backward(loss)
-        engine.step()
+            part = [Batch(b.images.to(torch.bfloat16), b.texts) for b in part]
+        with tempfile.TemporaryDirectory() as tmp:  # checkpoints off: nothing is written there
+            _train_loop(engine, iter(part), loss_step, None, steps=len(part), start=0, curve=[], settings=settings,
+                        checkpointer=StageCheckpointer(engine, Path(tmp), 0, 0, 1, 0), client={},
+                        counters=Counters(), max_bad_fraction=1.0, label="throughput", rank=0,
+                        names=family.curve_names)
 
     try:
-        return _time_steps(step, batches, args.warmup, device)
+        return _time_loop(loop, batches, args.warmup, device)
     finally:
         engine.destroy() if hasattr(engine, "destroy") else None
 
@@ -98,16 +109,17 @@ def run_plain(model_cfg, batches, args, device) -> float:
         opt, lambda i: min(1.0, (i + 1) / 5) * 0.5 * (1 + math.cos(math.pi * i / total)))
     loss_fn = ChainLoss(None)
 
-    def step(images, texts):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(model(images, texts)).total
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+    def loop(part):
+        for b in part:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = loss_fn(model(b.images, b.texts)).total
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
 
-    return _time_steps(step, batches, args.warmup, device)
+    return _time_loop(loop, batches, args.warmup, device)
 
 
 def matmul_peak_tflops(device) -> float | None:
@@ -133,11 +145,13 @@ def main() -> int:
     ap.add_argument("--zero", type=int, choices=[2, 3], default=3)
     ap.add_argument("--ds_config", default=None, help="DeepSpeed config (default: ds_configs/zero<--zero>.json)")
     ap.add_argument("--repeats", type=int, default=2, help="alternate the two sides this many times")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="folder for the json/md")
     args = ap.parse_args()
 
     import deepspeed
     import open_clip
 
+    from compt.clip.model import build_clip
     from compt.flops import count_sample_flops
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -160,15 +174,20 @@ def main() -> int:
         "model": args.model, "batch": args.batch, "timed_steps": args.steps, "zero_stage": args.zero,
         "seconds": times, "samples_per_s": sps, "ratio_deepspeed_over_plain": sps["deepspeed"] / sps["plain"],
     }
+    train_flops = count_sample_flops(model_cfg).train
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_clip(model_cfg).parameters())
+    # Compute per parameter: the DeepSpeed overhead grows with the parameter count, the work with the FLOPs.
+    result.update(params=n_params, train_flops_per_sample=train_flops,
+                  achieved_tflops={k: v * train_flops / 1e12 for k, v in sps.items()})
     peak = matmul_peak_tflops(device)
     if peak:
-        train_flops = count_sample_flops(model_cfg).train
         result["matmul_peak_tflops_bf16"] = peak
         result["mfu"] = {k: v * train_flops / 1e12 / peak for k, v in sps.items()}
     label = "cuda-" + torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda" else f"cpu{os.cpu_count()}"
     config_name = Path(args.ds_config).stem if args.ds_config else f"zero{args.zero}"
     result["ds_config"] = config_name
-    out = REPO / "benchmarks" / "results" / f"throughput-{label}-{args.model}-{config_name}"
+    out = Path(args.results) / f"throughput-{label}-{args.model}-{config_name}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Throughput: {args.model}, batch {args.batch}, DeepSpeed config {config_name}, {result['device']}", "",
@@ -176,7 +195,9 @@ def main() -> int:
           "|---|---|" + ("---|" if peak else "")]
     for k, v in sps.items():
         md.append(f"| {k} | {v:.1f} |" + (f" {100 * result['mfu'][k]:.1f}% |" if peak else ""))
-    md += ["", f"DeepSpeed / plain: {result['ratio_deepspeed_over_plain']:.3f} (best of {args.repeats} alternating runs)"]
+    md += ["", f"DeepSpeed / plain: {result['ratio_deepspeed_over_plain']:.3f} (best of {args.repeats} alternating runs)",
+           "", f"{n_params / 1e6:.2f}M parameters, {train_flops / 1e9:.3g} GFLOP per training sample "
+           f"(forward+backward, counted); plain loop {result['achieved_tflops']['plain'] * 1e3:.1f} GFLOP/s."]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
