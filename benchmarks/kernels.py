@@ -43,11 +43,18 @@ expansion within 2x of the bandwidth limit; distill: fused peak <= 30% of naive'
 Outputs: benchmarks/results/kernels-<device>.{json,md} (expansion-<device>.{json,md} with
 --expansion, distill-<device>.{json,md} with --distill), with the device, versions and command.
 Without CUDA it prints a message and exits 0, writing nothing.
+
+``--device cpu`` is a dry run of this script's own logic (tests/test_kernels_benchmark.py):
+the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here), times are wall
+times, no memory is measured, the agreement checks use tiny shapes and torch.compile uses
+its "eager" backend. Its numbers mean nothing; pass small shapes (--batches, --dims,
+--step-model, --expansion-models, --distill-*) and --results somewhere else.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shlex
@@ -62,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALPHA = 500.0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("fused", "eager", "compile")
-DEVICE = "cuda"  # where inputs live; only a CPU dry run of this script's own logic changes it
+DEVICE = "cuda"  # where inputs live; only a CPU dry run of this script's own logic changes it (--device cpu)
 
 
 # ---------------------------------------------------------------------------
@@ -79,7 +86,9 @@ def implementations(use_compile: bool) -> dict:
     }
     if use_compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        compiled = torch.compile(feature_alignment_loss_reference, dynamic=False)
+        # A CPU dry run checks the plumbing, not Inductor (which would need minutes per shape there).
+        backend = {} if DEVICE == "cuda" else {"backend": "eager"}
+        compiled = torch.compile(feature_alignment_loss_reference, dynamic=False, **backend)
         impls["compile"] = lambda si, st, ti, tt, proj: compiled(si, st, ti, tt, ALPHA, proj=proj)
     return impls
 
@@ -108,6 +117,9 @@ def _clear_grads(inputs) -> None:
 
 
 def _median_ms(fn, reps: int) -> float:
+    """Median of fn()'s time by CUDA events (wall time on a CPU dry run)."""
+    if DEVICE != "cuda":
+        return _wall_ms(fn, reps, warmup=0)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -132,17 +144,18 @@ def measure(fn, inputs, reps: int, warmup: int) -> dict:
     for _ in range(warmup):
         forward_backward()
     _clear_grads(inputs)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    forward_backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    return {
-        "fwd_ms": _median_ms(forward, reps),
-        "fwd_bwd_ms": _median_ms(forward_backward, reps),
-        "peak_extra_mib": peak / 2**20,
-    }
+    out = {}
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward()
+        torch.cuda.synchronize()
+        out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    out["fwd_ms"] = _median_ms(forward, reps)
+    out["fwd_bwd_ms"] = _median_ms(forward_backward, reps)
+    _clear_grads(inputs)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -154,12 +167,20 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
 
 
-def check_agreement() -> list[dict]:
+# (batch, captions, dim, student dim for a projection or None)
+AGREEMENT_CASES = ((1, 1, 512, None), (3, 7, 500, None), (64, 7, 1024, None), (1024, 7, 512, None),
+                   (4096, 1, 768, None), (33, 7, 512, 768))
+DRY_RUN_AGREEMENT_CASES = ((1, 1, 16, None), (3, 7, 20, None), (5, 1, 40, None), (7, 7, 16, 24))
+
+
+def check_agreement(cases=None) -> list[dict]:
+    """fused (Triton) vs feature_alignment_loss_reference (loss and gradients, fp32 and bf16);
+    ``cases`` defaults to AGREEMENT_CASES on CUDA, DRY_RUN_AGREEMENT_CASES on a CPU dry run."""
     from compt.kernels import feature_alignment_loss, feature_alignment_loss_reference
 
     rows = []
-    cases = [(1, 1, 512, None), (3, 7, 500, None), (64, 7, 1024, None), (1024, 7, 512, None),
-             (4096, 1, 768, None), (33, 7, 512, 768)]
+    if cases is None:
+        cases = AGREEMENT_CASES if DEVICE == "cuda" else DRY_RUN_AGREEMENT_CASES
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         for batch, captions, dim, student_dim in cases:
             inputs = make_inputs(batch, captions, dim, dtype, student_dim, seed=batch + dim)
@@ -178,6 +199,7 @@ def check_agreement() -> list[dict]:
             rows.append({"dtype": str(dtype).removeprefix("torch."), "batch": batch, "captions": captions,
                          "dim": dim, "student_dim": student_dim, "rel_err": errors, "tolerance": tol,
                          "ok": max(errors) <= tol})
+            del inputs
     return rows
 
 
@@ -185,28 +207,49 @@ def check_agreement() -> list[dict]:
 # Loss share of a ViT-B/16 training step.
 # ---------------------------------------------------------------------------
 
-def matmul_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192, reps: int = 20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
+def matmul_tflops(dtype: torch.dtype = torch.bfloat16, n: int | None = None, reps: int = 20) -> float:
+    n = n or (8192 if DEVICE == "cuda" else 256)
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
     for _ in range(3):
         a @ b
     ms = _median_ms(lambda: a @ b, reps)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def time_clip_step(model_name: str, batch: int, captions: int, reps: int, warmup: int) -> dict:
+def step_model_config(spec: str) -> dict:
+    """--step-model: an open_clip model name, or the path of a JSON model config."""
     import open_clip
 
-    model = open_clip.create_model(model_name, device="cuda")
+    if spec.endswith(".json") or Path(spec).is_file():
+        return json.loads(Path(spec).read_text())
+    cfg = open_clip.get_model_config(spec)
+    if cfg is None:
+        raise SystemExit(f"--step-model {spec!r}: neither an open_clip model name nor a JSON model config file")
+    return cfg
+
+
+def time_clip_step(model_name: str, batch: int, captions: int, reps: int, warmup: int) -> dict:
+    """Median time of one training step of open_clip model ``model_name`` (a name or a
+    JSON config file, as --step-model): autocast bf16, AdamW, CLIP loss."""
+    import open_clip
+
+    if open_clip.get_model_config(model_name) is not None:
+        model = open_clip.create_model(model_name, device=DEVICE)
+    else:
+        model = open_clip.CLIP(**step_model_config(model_name)).to(DEVICE)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    images = torch.randn(batch, 3, 224, 224, device="cuda")
-    texts = torch.randint(0, 49408, (batch * captions, model.context_length), device="cuda")
-    labels = torch.arange(batch, device="cuda")
+    size = model.visual.image_size
+    height, width = size if isinstance(size, (tuple, list)) else (size, size)
+    vocab = model.vocab_size if hasattr(model, "vocab_size") else 49408
+    images = torch.randn(batch, 3, height, width, device=DEVICE)
+    texts = torch.randint(0, vocab, (batch * captions, model.context_length), device=DEVICE)
+    labels = torch.arange(batch, device=DEVICE)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
             txt = torch.nn.functional.normalize(model.encode_text(texts), dim=-1)
             logits = model.logit_scale.exp() * img @ txt.view(batch, captions, -1).mean(1).t()
@@ -217,20 +260,20 @@ def time_clip_step(model_name: str, batch: int, captions: int, reps: int, warmup
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    _sync()
     ms = _median_ms(step, reps)
+    projection = getattr(model, "text_projection", None)
+    embed_dim = projection.shape[-1] if isinstance(projection, torch.Tensor) else None
     del model, opt
-    torch.cuda.empty_cache()
-    return {"step_ms": ms, "embed_dim": 512}
+    _empty_cache()
+    return {"step_ms": ms, "embed_dim": embed_dim}
 
 
 def loss_share(args, impls: dict, dtype: torch.dtype) -> dict:
-    import open_clip
-
     from compt.flops import count_sample_flops
 
-    model_name = "ViT-B-16"
-    cfg = open_clip.get_model_config(model_name)
+    model_name = args.step_model
+    cfg = step_model_config(model_name)
     tflops = matmul_tflops()
     out = {"model": model_name, "per_gpu_batch": args.step_batch, "matmul_bf16_tflops": tflops, "rows": []}
     for captions in args.captions:
@@ -252,7 +295,7 @@ def loss_share(args, impls: dict, dtype: torch.dtype) -> dict:
                 row["share_of_real_step"] = {k: v / (real["step_ms"] + v) for k, v in loss_ms.items()}
         out["rows"].append(row)
         del inputs
-        torch.cuda.empty_cache()
+        _empty_cache()
     return out
 
 
@@ -267,6 +310,11 @@ LAUNCH_SWEEP = ((1024, 256, 8), (512, 256, 4), (1024, 128, 4), (2048, 256, 8), (
 def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _wall_ms(fn, reps: int, warmup: int = 1) -> float:
@@ -339,7 +387,8 @@ def expansion_case(small_cfg: dict, big_cfg: dict, mode: str, noise: float, *, r
         if plan.needs_init():
             inits[name] = torch.randn(plan.numel, device=DEVICE, dtype=dtype, generator=gen) * 0.02
     out_bytes = sum(p.numel for p in plans) * torch.finfo(dtype).bits // 8
-    teacher_bytes = sum(teacher[p.sources[0]].numel() * teacher[p.sources[0]].element_size() for p in plans)
+    teacher_bytes = sum(teacher[p.sources[0]].numel() * teacher[p.sources[0]].element_size()
+                        for p in plans if p.sources)
     init_bytes = sum(x.numel() * x.element_size() for x in inits.values())
     useful_bytes = out_bytes + teacher_bytes + init_bytes  # what any implementation must move
 
@@ -396,7 +445,7 @@ def expansion_case(small_cfg: dict, big_cfg: dict, mode: str, noise: float, *, r
     row["largest"] = []
     for e in largest:
         p, init = e.plan, inits.get(e.plan.name)
-        nbytes = p.numel * torch.finfo(dtype).bits // 8 + teacher[p.sources[0]].numel() * 4 + (
+        nbytes = p.numel * torch.finfo(dtype).bits // 8 + (teacher[p.sources[0]].numel() * 4 if p.sources else 0) + (
             init.numel() * init.element_size() if init is not None else 0)
         k_ms = _wall_ms(lambda: e.flat_slice(0, p.numel, init, dtype=dtype), reps)
         r_ms = _wall_ms(lambda: p.flat_slice(teacher, 0, p.numel, init, dtype=dtype), max(1, ref_reps))
@@ -411,9 +460,8 @@ def expansion_case(small_cfg: dict, big_cfg: dict, mode: str, noise: float, *, r
         try:
             for launch in LAUNCH_SWEEP:
                 expansion_triton.GPU_LAUNCH = launch
-                ms = _device_ms(kernel_full, reps, "_expand_kernel")
-                row["launch_sweep"].append({"tile": launch[0], "max_cols": launch[1], "warps": launch[2],
-                                            "device_ms": ms, "device_gbs": useful_bytes / (ms * 1e-3) / 1e9})
+                row["launch_sweep"].append(_sweep_entry(launch, _device_ms(kernel_full, reps, "_expand_kernel"),
+                                                        useful_bytes))
         finally:
             expansion_triton.GPU_LAUNCH = default
     for key in ("kernel_device_ms", "kernel_parts_device_ms", "kernel_wall_ms", "end_to_end_wall_ms",
@@ -421,17 +469,34 @@ def expansion_case(small_cfg: dict, big_cfg: dict, mode: str, noise: float, *, r
         ms = row[key]
         row[key.replace("_ms", "_gbs")] = useful_bytes / (ms * 1e-3) / 1e9 if ms else None
     del prepared, teacher, inits
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
+    _empty_cache()
     return row
+
+
+def _sweep_entry(launch: tuple[int, int, int], ms: float | None, useful_bytes: int) -> dict:
+    """One launch configuration's result; ms None (the profiler saw no kernel) gives no GB/s."""
+    return {"tile": launch[0], "max_cols": launch[1], "warps": launch[2], "device_ms": ms,
+            "device_gbs": useful_bytes / (ms * 1e-3) / 1e9 if ms else None}
+
+
+def expansion_model_config(spec: str) -> tuple[str, dict]:
+    """--expansion-models: a METHOD.md chain model name (compt.recipes.PAPER_MODELS) or
+    the path of a JSON model config; (its name, its config)."""
+    from compt.recipes import PAPER_MODELS
+
+    if spec in PAPER_MODELS:
+        return spec, PAPER_MODELS[spec]
+    path = Path(spec)
+    if path.is_file():
+        return path.stem, json.loads(path.read_text())
+    raise SystemExit(f"--expansion-models {spec!r}: neither one of {sorted(PAPER_MODELS)} nor a JSON config file")
 
 
 def expansion_benchmark(args) -> dict:
     from compt.kernels import expansion_triton
-    from compt.recipes import PAPER_MODELS
 
-    small_cfg, big_cfg = PAPER_MODELS["ViT-B-16"], PAPER_MODELS["ViT-L-16"]
-    bandwidth = copy_bandwidth_gbs()
+    (small_name, small_cfg), (big_name, big_cfg) = (expansion_model_config(m) for m in args.expansion_models)
+    bandwidth = copy_bandwidth_gbs(args.bandwidth_gib)
     print(f"copy bandwidth: clone {bandwidth['clone_gbs']:.0f} GB/s, copy_ {bandwidth['copy__gbs']:.0f} GB/s",
           flush=True)
     rows = []
@@ -442,7 +507,7 @@ def expansion_benchmark(args) -> dict:
         row["x_of_bandwidth_limit"] = bandwidth["limit_gbs"] / gbs  # kernel time / minimal time
         rows.append(row)
         print(_expansion_line(row), flush=True)
-    return {"teacher": "ViT-B-16", "student": "ViT-L-16", "configs": {"teacher": small_cfg, "student": big_cfg},
+    return {"teacher": small_name, "student": big_name, "configs": {"teacher": small_cfg, "student": big_cfg},
             "bandwidth": bandwidth, "rows": rows, "gpu_launch": list(expansion_triton.GPU_LAUNCH),
             "target_within_2x_of_bandwidth": all(r["x_of_bandwidth_limit"] <= 2.0 for r in rows),
             "bit_identical_everywhere": all(r["bit_identical"] for r in rows)}
@@ -506,7 +571,7 @@ def expansion_markdown(result: dict) -> str:
                   "|---|---|" + "---|" * len(ex["rows"][0]["launch_sweep"])]
         for r in ex["rows"]:
             lines.append(f"| {r['mode']} | {r['noise']} | "
-                         + " | ".join(f"{t['device_gbs']:.0f}" for t in r["launch_sweep"]) + " |")
+                         + " | ".join(f(t["device_gbs"]) for t in r["launch_sweep"]) + " |")
     lines += ["", f"Within 2x of the bandwidth limit everywhere: {ex['target_within_2x_of_bandwidth']}. "
               f"Bit-identical to the reference on this GPU (every tensor, and ZeRO-3 partitions of 8): "
               f"{ex['bit_identical_everywhere']}."]
@@ -661,13 +726,17 @@ def _distill_measure(fn, inputs, reps: int, warmup: int) -> dict:
 # (tokens, student dim, teacher dim, vocab, temperature, masked)
 DISTILL_AGREEMENT_CASES = ((1, 64, 64, 1000, 1.0, False), (333, 256, 512, 32000, 2.0, True),
                            (4096, 1024, 2048, 32000, 1.0, False), (2048, 1024, 1024, 50257, 0.5, True))
+DRY_RUN_DISTILL_AGREEMENT_CASES = ((1, 16, 16, 50, 1.0, False), (37, 24, 40, 300, 2.0, True))
 
 
-def check_distill_agreement(cases=DISTILL_AGREEMENT_CASES) -> list[dict]:
-    """fused (Triton) and torch-chunked vs distill_kl_reference on this GPU (loss and both gradients)."""
+def check_distill_agreement(cases=None) -> list[dict]:
+    """fused (Triton) and torch-chunked vs distill_kl_reference on this GPU (loss and both gradients);
+    ``cases`` defaults to DISTILL_AGREEMENT_CASES on CUDA, DRY_RUN_DISTILL_AGREEMENT_CASES on a CPU dry run."""
     from compt.kernels import distill_kl_reference, fused_linear_kl
 
     rows = []
+    if cases is None:
+        cases = DISTILL_AGREEMENT_CASES if DEVICE == "cuda" else DRY_RUN_DISTILL_AGREEMENT_CASES
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         for tokens, sdim, tdim, vocab, temperature, masked in cases:
             s_h, s_w, t_h, t_w, mask = _distill_inputs(tokens, sdim, tdim, vocab, dtype, seed=tokens, masked=masked)
@@ -687,8 +756,7 @@ def check_distill_agreement(cases=DISTILL_AGREEMENT_CASES) -> list[dict]:
                              "teacher_dim": tdim, "vocab": vocab, "temperature": temperature, "masked": masked,
                              "rel_err": errors, "tolerance": tol, "ok": max(errors) <= tol})
             del s_h, s_w, t_h, t_w, results
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
+            _empty_cache()
     return rows
 
 
@@ -712,8 +780,7 @@ def distill_benchmark(args, dtype: torch.dtype) -> dict:
                 if name in ("naive", "fused", "torch-chunked"):
                     raise
                 row[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
+            _empty_cache()
         naive = row.get("naive", {})
         for name in impls:
             m = row[name]
@@ -724,8 +791,7 @@ def distill_benchmark(args, dtype: torch.dtype) -> dict:
         rows.append(row)
         print(_distill_line(row, impls), flush=True)
         del inputs
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+        _empty_cache()
     fused = [r["fused"] for r in rows if "time_vs_naive" in r.get("fused", {})]
     return {"temperature": args.temperature, "impls": list(impls), "notes": notes, "rows": rows, "targets": {
         "max_peak_vs_naive": max((m["peak_vs_naive"] for m in fused if "peak_vs_naive" in m), default=None),
@@ -847,6 +913,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="B 1024 and 16384, D 512, C 1 and 7")
     p.add_argument("--loss-share", action="store_true", help="the loss's share of a ViT-B/16 training step")
     p.add_argument("--step-batch", type=int, default=128, help="per-GPU batch for --loss-share")
+    p.add_argument("--step-model", default="ViT-B-16",
+                   help="--loss-share's model: an open_clip model name or a JSON model config file")
     p.add_argument("--no-real-step", action="store_true", help="--loss-share from FLOPs only")
     p.add_argument("--skip-check", action="store_true", help="skip the fused-vs-reference agreement check")
     p.add_argument("--expansion", action="store_true",
@@ -854,6 +922,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the measured bandwidth limit) instead of the alignment loss")
     p.add_argument("--expansion-ranks", type=int, default=8, help="ZeRO-3 ranks whose partitions --expansion times")
     p.add_argument("--expansion-ref-reps", type=int, default=3, help="repetitions of the slow reference path")
+    p.add_argument("--expansion-models", nargs=2, default=["ViT-B-16", "ViT-L-16"], metavar=("TEACHER", "STUDENT"),
+                   help="--expansion's teacher and student: METHOD.md chain model names or JSON model config files")
+    p.add_argument("--bandwidth-gib", type=float, default=1.0,
+                   help="size of the clone/copy that measures the bandwidth limit for --expansion")
     p.add_argument("--distill", action="store_true",
                    help="benchmark the fused linear KL distillation loss (naive vs fused Triton vs torch-chunked "
                         "vs Liger-Kernel if importable: peak memory and forward+backward time) instead")
@@ -862,16 +934,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-dims", nargs="+", default=["1024:1024", "2048:2048", "1024:2048"],
                    help="student:teacher hidden dims for --distill")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature for --distill")
-    p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="folder for the outputs")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a dry run of this script's logic, kernels in Triton's interpreter (numbers mean nothing)")
     args = p.parse_args(argv)
+    for pair in args.distill_dims:  # checked here, not after the agreement check has run
+        if not re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", pair):
+            p.error(f"--distill-dims: {pair!r} is not STUDENT:TEACHER (two positive integers)")
     if args.quick:
         args.batches, args.dims = [1024, 16384], [512]
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA device here; the Triton kernels are benchmarked on a GPU only. "
               "Nothing measured, nothing written.")
         return 0
@@ -881,11 +960,18 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks/kernels.py: triton is not importable; nothing measured, nothing written.")
         return 0
 
+    if DEVICE == "cpu":
+        # compt's kernels read this at each launch, so setting it after triton's import works.
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("benchmarks/kernels.py: CPU dry run (Triton interpreter, wall times): a check of this script's "
+              "logic; its numbers mean nothing.")
+
     dtype = DTYPES[args.dtype]
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu dry run {platform.machine()}"
+    command = [sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv]
     result = {
         "device": device, "versions": versions(),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": " ".join(shlex.quote(str(a)) for a in command),
         "dtype": args.dtype, "alpha": ALPHA, "reps": args.reps, "warmup": args.warmup,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -914,12 +1000,12 @@ def main(argv: list[str] | None = None) -> int:
                             row[name] = measure(fn, inputs, args.reps, args.warmup)
                         except torch.OutOfMemoryError as err:
                             row[name] = {"error": f"OOM: {str(err)[:200]}"}
-                            torch.cuda.empty_cache()
+                            _empty_cache()
                     _add_speedups(row)
                     rows.append(row)
                     print(_row_line(row), flush=True)
                     del inputs
-                    torch.cuda.empty_cache()
+                    _empty_cache()
     result["rows"] = rows
     result["targets"] = _targets(rows)
     if args.loss_share:
@@ -972,8 +1058,11 @@ def _row_line(row: dict) -> str:
     for name in IMPLS:
         if name in row:
             m = row[name]
-            parts.append(f"{name} {m['fwd_bwd_ms']:.3f} ms {m['peak_extra_mib']:.0f} MiB" if "fwd_bwd_ms" in m
-                         else f"{name} {m['error']}")
+            if "fwd_bwd_ms" not in m:
+                parts.append(f"{name} {m['error']}")
+                continue
+            mem = f" {m['peak_extra_mib']:.0f} MiB" if "peak_extra_mib" in m else ""
+            parts.append(f"{name} {m['fwd_bwd_ms']:.3f} ms{mem}")
     for other in ("eager", "compile"):
         if f"speedup_vs_{other}" in row:
             parts.append(f"x{row[f'speedup_vs_{other}']:.2f} vs {other}")
