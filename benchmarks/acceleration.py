@@ -330,7 +330,7 @@ FAMILIES: dict[str, Family] = {
                    "below what these models need to learn 90 classes (chance is 1.1%); its qualities are not a "
                    "measurement of CoM-PT. The full mode is the measurement.",
         ylabel="zero-shot top-1 on digit-numbers val (%)", yscale="linear", decorate=clip_decorate,
-        findings=lambda result: [],  # the CLIP results keep their published form; verdicts(result) would fit
+        findings=lambda result: verdicts(result),
     ),
     "llama": Family(
         full=LLAMA_FULL, quick=LLAMA_QUICK, result_prefix="llama-",
