@@ -57,7 +57,7 @@ def _time_loop(loop, batches, warmup: int, device) -> float:
     return time.perf_counter() - t0
 
 
-def run_deepspeed(model_cfg, batches, args, device) -> float:
+def run_deepspeed(model_cfg, batches, args, device, profile=None) -> float:
     import tempfile
 
     from compt.checkpoint import StageCheckpointer
@@ -89,7 +89,13 @@ def run_deepspeed(model_cfg, batches, args, device) -> float:
                         names=family.curve_names)
 
     try:
-        return _time_loop(loop, batches, args.warmup, device)
+        if profile is None:
+            return _time_loop(loop, batches, args.warmup, device)
+        loop(batches[:args.warmup])
+        profile.enable()
+        loop(batches[args.warmup:])
+        profile.disable()
+        return 0.0
     finally:
         engine.destroy() if hasattr(engine, "destroy") else None
 
@@ -122,6 +128,22 @@ def run_plain(model_cfg, batches, args, device) -> float:
     return _time_loop(loop, batches, args.warmup, device)
 
 
+def profile_deepspeed(model_cfg, batches, args, device) -> dict:
+    """The costliest functions (self time) of one profiled DeepSpeed run, and DeepSpeed's own share."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    run_deepspeed(model_cfg, batches, args, device, profile=prof)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, self, cumulative, callers)
+    total = sum(v[2] for v in stats.values())
+    in_ds = sum(v[2] for k, v in stats.items() if f"{os.sep}deepspeed{os.sep}" in k[0])
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:args.profile]
+    top = [{"function": (f"{Path(k[0]).parent.name}/{Path(k[0]).name}:{k[1]}({k[2]})" if k[0] != "~" else k[2]),
+            "calls": v[1], "self_s": v[2], "cumulative_s": v[3]} for k, v in rows]
+    return {"profiled_seconds": total, "deepspeed_python_share": in_ds / total if total else 0.0, "top": top}
+
+
 def matmul_peak_tflops(device) -> float | None:
     if device.type != "cuda":
         return None
@@ -146,6 +168,9 @@ def main() -> int:
     ap.add_argument("--ds_config", default=None, help="DeepSpeed config (default: ds_configs/zero<--zero>.json)")
     ap.add_argument("--repeats", type=int, default=2, help="alternate the two sides this many times")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="folder for the json/md")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one more DeepSpeed run (cProfile) and report its N most costly "
+                         "functions and the share of time spent in DeepSpeed's own Python code")
     args = ap.parse_args()
 
     import deepspeed
@@ -198,6 +223,16 @@ def main() -> int:
     md += ["", f"DeepSpeed / plain: {result['ratio_deepspeed_over_plain']:.3f} (best of {args.repeats} alternating runs)",
            "", f"{n_params / 1e6:.2f}M parameters, {train_flops / 1e9:.3g} GFLOP per training sample "
            f"(forward+backward, counted); plain loop {result['achieved_tflops']['plain'] * 1e3:.1f} GFLOP/s."]
+    if args.profile:
+        result["profile"] = profile_deepspeed(model_cfg, batches, args, device)
+        md += ["", f"## Where the DeepSpeed side's time goes (cProfile of one more run, {args.steps} steps; "
+               "profiling slows it down)", "",
+               f"{100 * result['profile']['deepspeed_python_share']:.0f}% of the profiled time is in DeepSpeed's "
+               f"own Python code (self time of functions in the deepspeed package; the tensor ops they call "
+               f"are counted as torch).", "", "| function | calls | self s | cumulative s |", "|---|---|---|---|"]
+        md += [f"| `{r['function']}` | {r['calls']} | {r['self_s']:.3f} | {r['cumulative_s']:.3f} |"
+               for r in result["profile"]["top"]]
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

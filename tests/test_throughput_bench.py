@@ -12,7 +12,7 @@ from conftest import REPO
 def test_throughput_benchmark_writes_consistent_results(tmp_path):
     env = {**os.environ, "MASTER_PORT": "29731", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "benchmarks/throughput.py", "--batch", "16", "--steps", "2", "--warmup", "1",
-           "--repeats", "1", "--results", str(tmp_path)]
+           "--repeats", "1", "--results", str(tmp_path), "--profile", "5"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "throughput: 100%" in proc.stderr  # the DeepSpeed side ran compt's training loop (its progress bar)
@@ -31,3 +31,8 @@ def test_throughput_benchmark_writes_consistent_results(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert f"DeepSpeed / plain: {result['ratio_deepspeed_over_plain']:.3f}" in md
     assert "| deepspeed |" in md and "| plain |" in md
+    prof = result["profile"]
+    assert len(prof["top"]) == 5 and 0 < prof["deepspeed_python_share"] < 1 and prof["profiled_seconds"] > 0
+    self_times = [r["self_s"] for r in prof["top"]]
+    assert self_times == sorted(self_times, reverse=True) and all(r["calls"] > 0 for r in prof["top"])
+    assert f"| `{prof['top'][0]['function']}` |" in md
