@@ -131,6 +131,18 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def _peak_extra_mib(fn) -> dict:
+    """{"peak_extra_mib": peak CUDA memory of one fn() above what is allocated before it}; {} on a CPU dry run."""
+    if DEVICE != "cuda":
+        return {}
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return {"peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
+
+
 def measure(fn, inputs, reps: int, warmup: int) -> dict:
     """Forward ms, forward+backward ms, and peak memory above the inputs of one forward+backward."""
 
@@ -144,14 +156,7 @@ def measure(fn, inputs, reps: int, warmup: int) -> dict:
     for _ in range(warmup):
         forward_backward()
     _clear_grads(inputs)
-    out = {}
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        forward_backward()
-        torch.cuda.synchronize()
-        out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    out = _peak_extra_mib(forward_backward)
     out["fwd_ms"] = _median_ms(forward, reps)
     out["fwd_bwd_ms"] = _median_ms(forward_backward, reps)
     _clear_grads(inputs)
@@ -708,17 +713,8 @@ def _distill_measure(fn, inputs, reps: int, warmup: int) -> dict:
     for _ in range(warmup):
         forward_backward()
     s_h.grad = s_w.grad = None
-    out = {}
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        forward_backward()
-        torch.cuda.synchronize()
-        out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        out["fwd_bwd_ms"] = _median_ms(forward_backward, reps)
-    else:  # CPU dry run of this logic: wall time, no memory statistics
-        out["fwd_bwd_ms"] = _wall_ms(forward_backward, reps, warmup=0)
+    out = _peak_extra_mib(forward_backward)
+    out["fwd_bwd_ms"] = _median_ms(forward_backward, reps)  # wall time on a CPU dry run
     s_h.grad = s_w.grad = None
     return out
 
