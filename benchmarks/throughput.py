@@ -212,7 +212,8 @@ def main() -> int:
     label = "cuda-" + torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda" else f"cpu{os.cpu_count()}"
     config_name = Path(args.ds_config).stem if args.ds_config else f"zero{args.zero}"
     result["ds_config"] = config_name
-    out = Path(args.results) / f"throughput-{label}-{args.model}-{config_name}"
+    batch = "" if args.batch == 64 else f"-b{args.batch}"  # the default batch keeps the older result names
+    out = Path(args.results) / f"throughput-{label}-{args.model}{batch}-{config_name}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# Throughput: {args.model}, batch {args.batch}, DeepSpeed config {config_name}, {result['device']}", "",

@@ -17,7 +17,7 @@ def test_throughput_benchmark_writes_consistent_results(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "throughput: 100%" in proc.stderr  # the DeepSpeed side ran compt's training loop (its progress bar)
 
-    out = tmp_path / "throughput-cpu{}-demo-base-zero3".format(os.cpu_count())
+    out = tmp_path / "throughput-cpu{}-demo-base-b16-zero3".format(os.cpu_count())
     result = json.loads(out.with_suffix(".json").read_text())
     sps = result["samples_per_s"]
     for side in ("deepspeed", "plain"):
