@@ -1024,6 +1024,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated seeds: train only those seeds' chains, in this order, and write no results "
                         "(to split a long study across processes or machines sharing --workdir; a last run without "
                         "it reuses every finished chain and writes the results)")
+    p.add_argument("--only-runs", default=None,
+                   help="comma-separated chain ids (as --dry-run prints them): train only those, in this order, "
+                        "and write no results (like --only-seeds)")
     p.add_argument("--replot", action="store_true",
                    help="only re-render the markdown and PNG from the existing results JSON of --name")
     return p.parse_args(argv)
@@ -1081,6 +1084,14 @@ def main(argv: list[str] | None = None) -> int:
         order = [int(x) for x in args.only_seeds.split(",") if x.strip()]
         specs = sorted((s for s in specs if s.seed in order), key=lambda s: (order.index(s.seed), s.transfer is not None))
         print(f"--only-seeds {args.only_seeds}: {len(specs)} chains, no results written")
+    if args.only_runs is not None:
+        by_id = {s.id: s for s in specs}
+        wanted = [x.strip() for x in args.only_runs.split(",") if x.strip()]
+        unknown = [x for x in wanted if x not in by_id]
+        if unknown:
+            raise SystemExit(f"--only-runs: {', '.join(unknown)} not in this study's plan; see --dry-run")
+        specs = [by_id[x] for x in wanted]
+        print(f"--only-runs: {len(specs)} chains, no results written")
     if args.dry_run:
         for spec in specs:
             print(f"  {spec.id}  ({', '.join(sorted(spec.studies))})")
@@ -1090,7 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, spec in enumerate(specs, 1):
         print(f"[{i}/{len(specs)}] {spec.id}", flush=True)
         runs.append(launcher.run(setup, spec))
-    if args.only_seeds is not None:
+    if args.only_seeds is not None or args.only_runs is not None:
         return 0
 
     summary = summarize(setup, runs, exact)

@@ -256,3 +256,13 @@ def test_only_seeds_splits_the_plan(tmp_path, capsys):
     planned = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert planned == [f"{m}-xs-m-l-seed{s}" for s in (2, 1)
                        for m in ("baseline", "official-f0.25", "exact-f0.25")]
+
+
+def test_only_runs_picks_chains_by_id(tmp_path, capsys):
+    bench_mod = _load_benchmark()
+    ids = "neither-f0.25-xs-m-l-seed0,baseline-xs-s-m-l-seed0"
+    assert bench_mod.main(["--name", "pick", "--workdir", str(tmp_path), "--only-runs", ids, "--dry-run"]) == 0
+    planned = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert planned == ids.split(",")
+    with pytest.raises(SystemExit, match="no-such-chain not in this study's plan"):
+        bench_mod.main(["--name", "pick", "--workdir", str(tmp_path), "--only-runs", "no-such-chain", "--dry-run"])
