@@ -198,7 +198,8 @@ class Quality:
         else:
             bound = f"<= baseline {self.label} " + (f"x (1 + {tolerance:g})" if self.relative_tolerance
                                                    else f"+ {tolerance:g}")
-        return f"'Matches the baseline' means {self.label} {bound}, seed 0 on both sides."
+        return (f"'Matches the baseline' means {self.label} {bound}: on the means over seeds in the main "
+                f"comparison, on seed 0 (both sides) in the budget search.")
 
     def format(self, x: float | None, std: float | None = None) -> str:
         return _pct(x, std) if self.percent else _num(x, std)
@@ -944,14 +945,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     q, scale = fam.quality.key, fam.quality.plot_scale
     colors = {"baseline": "tab:gray", "official": "tab:blue", "exact": "tab:green"}
     fig, ax = plt.subplots(figsize=(10.5, 4.8))
+    seeds = result["setup"]["seeds"]
+    mean, seed0 = (f", mean of {seeds} seeds", " (seed 0)") if seeds > 1 else ("", "")
     for method, c in result["summary"]["main"].items():
         xs, cum = [], 0.0
         for row in c["per_model"]:
             cum += row["flops"]
             xs.append(cum)
         ys = [scale * row[q] for row in c["per_model"]]
-        label = ("baseline (each model from scratch)" if method == "baseline"
-                 else f"CoM-PT {method} ({_x(c['acceleration_flops'])} fewer FLOPs)")
+        label = (f"baseline (each model from scratch{mean})" if method == "baseline"
+                 else f"CoM-PT {method} ({_x(c['acceleration_flops'])} fewer FLOPs{mean})")
         ax.plot(xs, ys, marker="o", color=colors.get(method), label=label)
         for i, (x, y, row) in enumerate(zip(xs, ys, c["per_model"])):
             if i == 0 and method != "baseline":
@@ -966,13 +969,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
         if pts:
             ax.scatter([p["chain_flops_through_model"] for p in pts], [scale * p[q] for p in pts],
                        facecolors="none", edgecolors=colors.get(method), s=50,
-                       label=f"{method}, other budgets (fractions {', '.join(format(p['fraction'], 'g') for p in pts)})")
+                       label=f"{method}, other budgets (fractions {', '.join(format(p['fraction'], 'g') for p in pts)})"
+                             + seed0)
     ablation_colors = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
     for row in result["summary"].get("ablation") or []:
         if row["method"] in ("official", "exact"):
             continue
         ax.scatter([sum(p["flops"] for p in row["per_model"])], [scale * row["per_model"][-1][q]],
-                   marker="x", s=40, color=next(ablation_colors), label=f"ablation: {row['variant']}")
+                   marker="x", s=40, color=next(ablation_colors), label=f"ablation: {row['variant']}{seed0}")
     fam.decorate(ax, result)
     ax.set_xscale("log")
     ax.set_yscale(fam.yscale)
