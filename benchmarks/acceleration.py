@@ -1027,7 +1027,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only-seeds", default=None,
                    help="comma-separated seeds: train only those seeds' chains, in this order, and write no results "
                         "(to split a long study across processes or machines sharing --workdir; a last run without "
-                        "it reuses every finished chain and writes the results)")
+                        "it reuses every finished chain and writes the results; give each process other chains: "
+                        "two processes must not train the same chain at once)")
     p.add_argument("--only-runs", default=None,
                    help="comma-separated chain ids (as --dry-run prints them): train only those, in this order, "
                         "and write no results (like --only-seeds)")
