@@ -1,7 +1,7 @@
 """Training throughput: one chain stage through compt's DeepSpeed path (ZeRO-3, 1 rank)
 vs a plain PyTorch loop (same model, batches, AdamW, clipping), in one process.
 
-    python benchmarks/throughput.py [--model demo-base|ViT-B-16] [--batch 64] [--steps 30] [--zero 3]
+    python benchmarks/throughput.py [--model demo-base|ViT-B-16] [--batch 64] [--steps 40] [--zero 3] [--profile 15]
 
 Data loading is excluded on both sides (batches are built once), so the ratio measures
 the engine's overhead. The DeepSpeed side runs compt's own training loop
