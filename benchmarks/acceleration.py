@@ -111,6 +111,7 @@ class Setup:
     data: dict = field(default_factory=lambda: {"kind": "digit-numbers"})
     exact_noise: float = 0.0  # symmetry-breaking noise of exact growth (the grown function is kept)
     model_lr: dict[str, float] = field(default_factory=dict)  # per-model peak lr (else lr), same in every method
+    methods: list[str] = field(default_factory=lambda: ["official", "exact"])  # keys of GROWTH: the CoM-PT chains
 
     def lr_of(self, model: str) -> float:
         return self.model_lr.get(model, self.lr)
@@ -169,6 +170,14 @@ LLAMA_QUICK = Setup(
 )
 
 STUDIES = ("main", "search", "length", "ablation")
+
+# The CoM-PT variants a study can compare with the baseline (--methods): each later stage's transfer.
+GROWTH = {
+    "official": {"init": "official", "align": True},
+    "exact": {"init": "exact", "align": True},
+    "param-only-official": {"init": "official", "align": False},
+    "param-only-exact": {"init": "exact", "align": False},
+}
 
 
 # ---------------------------------------------------------------------------
@@ -414,13 +423,21 @@ def exact_available(setup: Setup, workdir: Path) -> tuple[bool, str]:
     return True, "exact: the chain config accepts init: exact"
 
 
+def growth_methods(setup: Setup, exact: bool) -> list[str]:
+    """The CoM-PT methods this study compares (exact ones only where the chain config accepts exact growth)."""
+    return [m for m in setup.methods if exact or GROWTH[m]["init"] != "exact"]
+
+
 def plan(setup: Setup, exact: bool) -> list[RunSpec]:
     """Every run the selected studies need, identical chains merged (one run serves several studies)."""
-    growth = ["official"] + (["exact"] if exact else [])
+    growth = growth_methods(setup, exact)
     runs: dict[str, RunSpec] = {}
+    # A non-default alignment weight is part of an aligned chain's id, so such chains can share a workdir with
+    # the default study's (reusing its baselines and unaligned chains) without replacing its aligned ones.
+    alpha_tag = f"-a{setup.alpha:g}" if setup.alpha != family_of(setup).full.alpha else ""
 
     def add(method: str, models: list[str], seed: int, fraction: float, transfer: dict | None, study: str):
-        tag = "baseline" if transfer is None else f"{method}-f{fraction:g}"
+        tag = "baseline" if transfer is None else f"{method}{alpha_tag if transfer['align'] else ''}-f{fraction:g}"
         rid = f"{tag}-{'-'.join(models)}-seed{seed}"
         spec = runs.setdefault(rid, RunSpec(rid, method, models, seed, fraction, transfer))
         spec.studies.add(study)
@@ -432,19 +449,19 @@ def plan(setup: Setup, exact: bool) -> list[RunSpec]:
         models = [m for m in family if m in needed] if seed == 0 else list(setup.main)
         add("baseline", models, seed, 1.0, None, "main")
         for method in growth:
-            add(method, setup.main, seed, setup.chain_fraction, {"init": method, "align": True}, "main")
+            add(method, setup.main, seed, setup.chain_fraction, dict(GROWTH[method]), "main")
     for method in growth:
         if "search" in setup.studies:
             for f in setup.search_fractions:
-                add(method, setup.main, 0, f, {"init": method, "align": True}, "search")
+                add(method, setup.main, 0, f, dict(GROWTH[method]), "search")
         if "length" in setup.studies:
             for chain in setup.lengths:
-                add(method, chain, 0, setup.chain_fraction, {"init": method, "align": True}, "length")
+                add(method, chain, 0, setup.chain_fraction, dict(GROWTH[method]), "length")
     if "ablation" in setup.studies:
         f = setup.chain_fraction
-        for method in growth:
-            add(method, setup.main, 0, f, {"init": method, "align": True}, "ablation")
-            add(f"param-only-{method}", setup.main, 0, f, {"init": method, "align": False}, "ablation")
+        for init in dict.fromkeys(GROWTH[m]["init"] for m in growth):
+            add(init, setup.main, 0, f, dict(GROWTH[init]), "ablation")
+            add(f"param-only-{init}", setup.main, 0, f, dict(GROWTH[f"param-only-{init}"]), "ablation")
         add("feature-only", setup.main, 0, f, {"init": "none", "align": True}, "ablation")
         add("neither", setup.main, 0, f, {"init": "none", "align": False}, "ablation")
     # Baselines first: every chain of a seed reuses its baseline's first stage.
@@ -756,7 +773,7 @@ def predicted_costs(runs: list[dict]) -> dict[str, Any]:
 def summarize(setup: Setup, runs: list[dict], exact: bool) -> dict[str, Any]:
     """Every study's tables from the finished runs (pure: reads only the run records)."""
     fam = family_of(setup)
-    methods = ["official"] + (["exact"] if exact else [])
+    methods = growth_methods(setup, exact)
     summary: dict[str, Any] = {"main": {"baseline": baseline_summary(runs, setup.main, list(range(setup.seeds)),
                                                                      fam)}}
     for method in methods:
@@ -943,7 +960,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fam = family_of(result["setup"])
     q, scale = fam.quality.key, fam.quality.plot_scale
-    colors = {"baseline": "tab:gray", "official": "tab:blue", "exact": "tab:green"}
+    colors = {"baseline": "tab:gray", "official": "tab:blue", "exact": "tab:green",
+              "param-only-official": "tab:orange", "param-only-exact": "tab:red"}
     fig, ax = plt.subplots(figsize=(10.5, 4.8))
     seeds = result["setup"]["seeds"]
     mean, seed0 = (f", mean of {seeds} seeds", " (seed 0)") if seeds > 1 else ("", "")
@@ -1011,6 +1029,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=None, help="seeds of the main comparison (default: 3, quick 1)")
     p.add_argument("--studies", default=None,
                    help=f"comma-separated subset of {','.join(STUDIES)} (default: all, quick: main,search)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated CoM-PT variants to compare with the baseline, from {','.join(GROWTH)} "
+                        "(default: official,exact; param-only-* train without the alignment term)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="alignment weight of every aligned chain (default: the family's, clip 500, llama 1); "
+                        "a non-default value goes into those chains' ids, so a --workdir shared with the default "
+                        "study reuses its baselines and unaligned chains and keeps its aligned ones")
     p.add_argument("--baseline-steps", type=int, default=None, help="from-scratch budget per model, in steps")
     p.add_argument("--chain-fraction", type=float, default=None, help="later chain stages' budget fraction")
     p.add_argument("--search-fractions", default=None, help="comma-separated budget fractions to search")
@@ -1049,6 +1074,15 @@ def build_setup(args: argparse.Namespace) -> Setup:
         bad = [s for s in setup.studies if s not in STUDIES]
         if bad or "main" not in setup.studies:
             raise SystemExit(f"--studies: {bad or 'main is missing'}; pick from {','.join(STUDIES)} (main always)")
+    if args.methods is not None:
+        setup.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in setup.methods if m not in GROWTH]
+        if bad or not setup.methods:
+            raise SystemExit(f"--methods: {', '.join(bad) or 'none given'}; pick from {','.join(GROWTH)}")
+    if args.alpha is not None:
+        if not args.alpha >= 0:
+            raise SystemExit(f"--alpha {args.alpha:g}: the alignment weight must be >= 0")
+        setup.alpha = args.alpha
     if args.baseline_steps is not None:
         setup.baseline_steps = args.baseline_steps
     if args.chain_fraction is not None:

@@ -266,3 +266,33 @@ def test_only_runs_picks_chains_by_id(tmp_path, capsys):
     assert planned == ids.split(",")
     with pytest.raises(SystemExit, match="no-such-chain not in this study's plan"):
         bench_mod.main(["--name", "pick", "--workdir", str(tmp_path), "--only-runs", "no-such-chain", "--dry-run"])
+
+
+def test_methods_and_alpha_share_a_workdir_with_the_default_study(tmp_path, capsys):
+    bench_mod = _load_benchmark()
+    args = ["--name", "alpha", "--workdir", str(tmp_path), "--methods", "exact,param-only-exact", "--alpha", "5"]
+    assert bench_mod.main([*args, "--studies", "main", "--seeds", "2", "--dry-run"]) == 0
+    planned = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    # Aligned chains carry the non-default alpha in their id; baselines and unaligned chains keep the default
+    # study's ids, so they are reused from its workdir.
+    assert planned == [f"{m}-xs-m-l-seed{s}" for s in (0, 1)
+                       for m in ("baseline", "exact-a5-f0.25", "param-only-exact-f0.25")]
+    setup = bench_mod.build_setup(bench_mod.parse_args(args))
+    specs = {s.id: s for s in bench_mod.plan(setup, True)}
+    aligned = bench_mod.chain_dict(setup, specs["exact-a5-f0.25-xs-m-l-seed0"])["stages"]
+    unaligned = bench_mod.chain_dict(setup, specs["param-only-exact-f0.25-xs-m-l-seed0"])["stages"]
+    assert [s["transfer"] for s in aligned[1:]] == [{"init": "exact", "align": True, "alpha": 5.0}] * 2
+    assert [s["transfer"] for s in unaligned[1:]] == [{"init": "exact", "align": False}] * 2
+    # The ablation still compares both with and without alignment, for the selected methods' init only.
+    assert "official-f0.25-xs-m-l-seed0" not in specs and "feature-only-a5-f0.25-xs-m-l-seed0" in specs
+    summary = bench_mod.summarize(setup, _synthetic_runs(bench_mod, setup, True), True)
+    assert list(summary["main"]) == ["baseline", "exact", "param-only-exact"]
+    assert list(summary["compute_to_reach"]) == ["exact", "param-only-exact"]
+    assert [r["method"] for r in summary["ablation"]] == ["exact", "param-only-exact", "feature-only", "neither"]
+    # The default alpha keeps the default ids.
+    setup = bench_mod.build_setup(bench_mod.parse_args(["--alpha", "500"]))
+    assert "exact-f0.25-xs-m-l-seed0" in {s.id for s in bench_mod.plan(setup, True)}
+    with pytest.raises(SystemExit, match="--methods: exactly; pick from official,exact"):
+        bench_mod.build_setup(bench_mod.parse_args(["--methods", "exactly"]))
+    with pytest.raises(SystemExit, match="--alpha -1: the alignment weight must be >= 0"):
+        bench_mod.build_setup(bench_mod.parse_args(["--alpha", "-1"]))
