@@ -219,9 +219,11 @@ class StageCheckpointer:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
             kept = f"the previous checkpoint {self.dir / previous[0]} is intact" if previous else "no earlier checkpoint"
             free = shutil.disk_usage(self.dir).free / 2**30 if self.dir.exists() else float("nan")
+            others = ("; with several ranks a lost connection means another rank failed first: see its error"
+                      if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else "")
             raise CheckpointError(f"could not write checkpoint {self.dir / tag}: {type(e).__name__}: {e}; {kept}. "
-                                  f"{free:.1f} GiB are free there: free disk space (or raise the quota or file-size "
-                                  "limit) and run the same command again to resume") from e
+                                  f"{free:.1f} GiB are free there. Fix the cause (disk space, quota or file-size "
+                                  f"limit{others}) and run the same command again to resume") from e
         self._last = time.monotonic()
         if self.rank == 0:
             keep = set(self.complete_tags(self.dir)[: self.keep])

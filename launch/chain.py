@@ -107,9 +107,9 @@ def main() -> int:
                 print(e, file=sys.stderr)
                 return 143
             except (StageFailed, CheckpointError) as e:
-                if rank == 0:
-                    print(f"error: {e}", file=sys.stderr)
-                    run.update_stage(k, status="failed", error=str(e))
+                # Every failing rank says why: the cause may be on one rank only (its disk, its data).
+                print(f"error{f' (rank {rank} of {world})' if world > 1 else ''}: {e}", file=sys.stderr)
+                run.record_failure(k, stage.name, rank, world, e)
                 return 1
         elif rank == 0:
             print(f"stage {k} {stage.name}: already done (weights verified), skipping")

@@ -183,3 +183,26 @@ def test_too_much_bad_data_stops_with_examples_then_resumes(tmp_path, bad_data_c
     assert m["bad_samples"]["count"] == 4 and m["steps"] == 10
     entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"][0]
     assert entry["status"] == "done" and entry["error"] is None  # the earlier failure is cleared
+
+
+def test_a_failure_on_one_rank_is_reported_by_that_rank(tmp_path, chain_dict):
+    """Rank 1's disk is full while checkpointing: rank 0 only sees a lost connection. Both exit promptly
+    (no wait for the process-group timeout) and rank 1's own error reaches the user and the run dir."""
+    chain_dict = _one_stage(chain_dict, steps=8)
+    chain_dict["defaults"]["checkpoint_every_steps"] = 4
+    chain = write_chain(tmp_path / "chain.yaml", chain_dict)
+    cmd = ["deepspeed", "--master_port", "29757", "--num_gpus", "2", "tests/_fault_job.py",
+           "--fsize-limit", "1:51200", "--", "--chain", str(chain), "--ds_config", DS, "--output", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "error (rank 1 of 2): could not write checkpoint" in log and "file-size limit" in log
+    errors = tmp_path / "run" / "stages" / "0-a" / "errors"
+    mine = (errors / "rank1.log").read_text()
+    assert "rank 1 of 2: CheckpointError: could not write checkpoint" in mine and "step00000004" in mine
+    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"][0]
+    if entry["status"] == "failed":  # rank 0 may be killed by the launcher before it records its view
+        assert "every failing rank's own is in stages/0-a/errors/rank<r>.log" in entry["error"]
+    # Nothing half-written is taken for a checkpoint: a rerun without the limit trains the stage from scratch.
+    assert not (errors.parent / "checkpoints" / "latest").exists()
