@@ -57,7 +57,8 @@ def _time_loop(loop, batches, warmup: int, device) -> float:
     return time.perf_counter() - t0
 
 
-def run_deepspeed(model_cfg, batches, args, device, profile=None) -> float:
+def run_deepspeed(model_cfg, batches, args, device, profile=None) -> float | None:
+    """Seconds for the timed batches; with ``profile`` (a cProfile.Profile) it records them instead (None)."""
     import tempfile
 
     from compt.checkpoint import StageCheckpointer
@@ -95,7 +96,7 @@ def run_deepspeed(model_cfg, batches, args, device, profile=None) -> float:
         profile.enable()
         loop(batches[args.warmup:])
         profile.disable()
-        return 0.0
+        return None
     finally:
         engine.destroy() if hasattr(engine, "destroy") else None
 
