@@ -533,6 +533,30 @@ class Launcher:
                 "finished_in_an_earlier_invocation": earlier, "launch_seconds": round(launch_seconds, 1), "first_stage_reused": (run_dir / REUSED_MARK).exists(),
                 "stages": stages}
 
+    def adopt_finished(self, setup: Setup, specs: list[RunSpec]) -> None:
+        """Learn from chains an earlier invocation finished in the workdir (for --only-runs/--only-seeds,
+        whose selection may leave out a seed's baseline): a finished baseline's first stage is given to
+        this invocation's chains of its seed, and a finished chain that trained its own first stage is
+        that seed's determinism check, so no chain here retrains it again."""
+        import tempfile
+
+        from compt.config import load_chain
+
+        for spec in specs:
+            run_dir = self.workdir / spec.id
+            if not (run_dir / "manifest.json").is_file():
+                continue
+            with tempfile.TemporaryDirectory() as tmp:  # this invocation's config of the chain, not the file's
+                path = Path(tmp) / "chain.yaml"
+                path.write_text(yaml.safe_dump(chain_dict(setup, spec), sort_keys=False))
+                cfg = load_chain(str(path), REPO / DS_CONFIG)
+            if not self._finished(run_dir, cfg):
+                continue
+            if spec.transfer is None:
+                self.first_stage.setdefault(spec.seed, run_dir / "stages" / f"0-{spec.models[0]}")
+            elif not (run_dir / REUSED_MARK).exists():
+                self.retrained.add(spec.seed)
+
     @staticmethod
     def _same_config(run_dir: Path, cfg) -> bool:
         """What the launcher's resume requires: the same resolved chain config and DeepSpeed config."""
@@ -1053,7 +1077,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated seeds: train only those seeds' chains, in this order, and write no results "
                         "(to split a long study across processes or machines sharing --workdir; a last run without "
                         "it reuses every finished chain and writes the results; give each process other chains: "
-                        "two processes must not train the same chain at once)")
+                        "two processes must not train the same chain at once; chains grow from a seed's "
+                        "baseline first stage when an earlier invocation finished it)")
     p.add_argument("--only-runs", default=None,
                    help="comma-separated chain ids (as --dry-run prints them): train only those, in this order, "
                         "and write no results (like --only-seeds)")
@@ -1136,6 +1161,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {spec.id}  ({', '.join(sorted(spec.studies))})")
         return 0
     launcher = Launcher(workdir, args.port, args.retrain_first_stage)
+    if args.only_seeds is not None or args.only_runs is not None:
+        launcher.adopt_finished(setup, plan(setup, exact))
     runs = []
     for i, spec in enumerate(specs, 1):
         print(f"[{i}/{len(specs)}] {spec.id}", flush=True)

@@ -296,3 +296,40 @@ def test_methods_and_alpha_share_a_workdir_with_the_default_study(tmp_path, caps
         bench_mod.build_setup(bench_mod.parse_args(["--methods", "exactly"]))
     with pytest.raises(SystemExit, match="--alpha -1: the alignment weight must be >= 0"):
         bench_mod.build_setup(bench_mod.parse_args(["--alpha", "-1"]))
+
+
+def _fake_finished(bench_mod, setup, spec, workdir, reused: bool) -> None:
+    """A run dir as the launcher leaves a finished chain (manifest only, every stage done)."""
+    from compt.engine import read_ds_config
+    from compt.rundir import RunDir
+
+    path = workdir / f"{spec.id}.yaml"
+    path.write_text(yaml.safe_dump(bench_mod.chain_dict(setup, spec), sort_keys=False))
+    run = RunDir(workdir / spec.id)
+    run.open(load_chain(str(path)), read_ds_config(REPO / bench_mod.DS_CONFIG))
+    for k in range(len(spec.models)):
+        run.update_stage(k, status="done")
+    if reused:
+        (run.root / bench_mod.REUSED_MARK).write_text("copied\n")
+
+
+def test_a_selection_adopts_what_earlier_invocations_finished(tmp_path):
+    """--only-runs / --only-seeds without the baseline still grow from the baseline's first stage, and
+    do not repeat a seed's first-stage determinism check that a finished chain already made."""
+    bench_mod = _load_benchmark()
+    setup = bench_mod.QUICK
+    specs = {s.id: s for s in bench_mod.plan(setup, True)}
+    _fake_finished(bench_mod, setup, specs["baseline-xs-m-l-seed0"], tmp_path, reused=False)
+    _fake_finished(bench_mod, setup, specs["official-f0.25-xs-m-l-seed0"], tmp_path, reused=True)
+    launcher = bench_mod.Launcher(tmp_path, 29000, retrain_first=False)
+    launcher.adopt_finished(setup, list(specs.values()))
+    assert launcher.first_stage == {0: tmp_path / "baseline-xs-m-l-seed0" / "stages" / "0-xs"}
+    assert launcher.retrained == set()  # the only finished chain copied its first stage: no check made yet
+    _fake_finished(bench_mod, setup, specs["exact-f0.25-xs-m-l-seed0"], tmp_path, reused=False)
+    launcher.adopt_finished(setup, list(specs.values()))
+    assert launcher.retrained == {0}
+    # Runs finished under other settings are not adopted.
+    other = bench_mod.build_setup(bench_mod.parse_args(["--quick", "--baseline-steps", "7"]))
+    fresh = bench_mod.Launcher(tmp_path, 29000, retrain_first=False)
+    fresh.adopt_finished(other, bench_mod.plan(other, True))
+    assert fresh.first_stage == {} and fresh.retrained == set()
