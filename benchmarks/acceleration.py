@@ -104,7 +104,7 @@ class Setup:
     batch_size: int = 64
     lr: float = 2e-3
     warmup_fraction: float = 0.05
-    alpha: float = 500.0
+    alpha: float | None = None  # alignment weight of aligned chains; None: compt's defaults (compt.config)
     eval_batch_size: int = 300
     match_tolerance: float = 0.0  # "matches the baseline": see Quality.matches
     family: str = "clip"  # a key of FAMILIES
@@ -262,13 +262,18 @@ WALL_NOTE = ("Wall time is the sum of the stages' wall_seconds (build, growth, t
 
 
 def clip_notes(setup: Setup) -> list[str]:
+    from compt.config import alpha_default
+
     return [
         "Quality is zero-shot top-1 over all 90 classes of the digit-numbers val split (900 images built from "
         "digit images never seen in training; 9 of the 90 numbers never appear in training at all).",
         FLOPS_NOTE, WALL_NOTE,
         f"Budgets: every from-scratch model {setup.baseline_steps} steps at global batch {setup.batch_size}; "
         f"CoM-PT later stages {setup.chain_fraction:g} of that; {setup.lr_text()}, warmup "
-        f"{setup.warmup_fraction:g} of each stage's steps, cosine to 0, alpha {setup.alpha:g}.",
+        f"{setup.warmup_fraction:g} of each stage's steps, cosine to 0, " + (
+            f"alpha {setup.alpha:g}." if setup.alpha is not None else
+            f"alpha: compt's defaults, {alpha_default('clip', 'official'):g} after official growth (and random "
+            f"init), {alpha_default('clip', 'exact'):g} after exact growth."),
         FAMILIES["clip"].quality.rule(setup.match_tolerance),
     ]
 
@@ -394,7 +399,7 @@ def chain_dict(setup: Setup, spec: RunSpec) -> dict[str, Any]:
             stage["lr"] = setup.model_lr[name]
         if k > 0:
             transfer = dict(BASELINE) if spec.transfer is None else dict(spec.transfer)
-            if transfer.get("align"):
+            if transfer.get("align") and setup.alpha is not None:
                 transfer.setdefault("alpha", setup.alpha)
             if transfer.get("init") == "exact" and setup.exact_noise:
                 transfer.setdefault("noise", setup.exact_noise)
@@ -434,7 +439,7 @@ def plan(setup: Setup, exact: bool) -> list[RunSpec]:
     runs: dict[str, RunSpec] = {}
     # A non-default alignment weight is part of an aligned chain's id, so such chains can share a workdir with
     # the default study's (reusing its baselines and unaligned chains) without replacing its aligned ones.
-    alpha_tag = f"-a{setup.alpha:g}" if setup.alpha != family_of(setup).full.alpha else ""
+    alpha_tag = f"-a{setup.alpha:g}" if setup.alpha not in (None, family_of(setup).full.alpha) else ""
 
     def add(method: str, models: list[str], seed: int, fraction: float, transfer: dict | None, study: str):
         tag = "baseline" if transfer is None else f"{method}{alpha_tag if transfer['align'] else ''}-f{fraction:g}"
@@ -1057,7 +1062,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated CoM-PT variants to compare with the baseline, from {','.join(GROWTH)} "
                         "(default: official,exact; param-only-* train without the alignment term)")
     p.add_argument("--alpha", type=float, default=None,
-                   help="alignment weight of every aligned chain (default: the family's, clip 500, llama 1); "
+                   help="alignment weight of every aligned chain (default: compt's, clip 500 or 5 after exact "
+                        "growth; llama 1); "
                         "a non-default value goes into those chains' ids, so a --workdir shared with the default "
                         "study reuses its baselines and unaligned chains and keeps its aligned ones")
     p.add_argument("--baseline-steps", type=int, default=None, help="from-scratch budget per model, in steps")

@@ -68,10 +68,13 @@ def _budget(stage: "FinishedStage") -> str:
 def _transfer(stage: "FinishedStage") -> dict[str, Any] | None:
     if stage.index == 0:
         return None
-    # The chain config leaves transfer out for the defaults (compt.config.Transfer).
-    defaults = {"init": "official", "align": True, "alpha": 500.0}
+    from compt.config import alpha_default
+
+    # The chain config leaves transfer (or its alpha) out for the defaults (compt.config.Transfer).
     given = stage.metrics.get("transfer") or _stage_config(stage).get("transfer") or {}
-    return {**defaults, **given}
+    out = {"init": "official", "align": True, **{k: v for k, v in given.items() if v is not None}}
+    out.setdefault("alpha", alpha_default(stage.manifest["config"].get("family", "clip"), out["init"]))
+    return out
 
 
 def _predecessor(stage: "FinishedStage") -> str | None:

@@ -289,9 +289,14 @@ def test_methods_and_alpha_share_a_workdir_with_the_default_study(tmp_path, caps
     assert list(summary["main"]) == ["baseline", "exact", "param-only-exact"]
     assert list(summary["compute_to_reach"]) == ["exact", "param-only-exact"]
     assert [r["method"] for r in summary["ablation"]] == ["exact", "param-only-exact", "feature-only", "neither"]
-    # The default alpha keeps the default ids.
+    # Without --alpha, compt's defaults (500 official, 5 exact) and untagged ids; an explicit 500 is tagged.
+    setup = bench_mod.build_setup(bench_mod.parse_args([]))
+    default = {s.id: s for s in bench_mod.plan(setup, True)}
+    assert "transfer" in bench_mod.chain_dict(setup, default["exact-f0.25-xs-m-l-seed0"])["stages"][1]
+    assert "alpha" not in bench_mod.chain_dict(setup, default["exact-f0.25-xs-m-l-seed0"])["stages"][1]["transfer"]
     setup = bench_mod.build_setup(bench_mod.parse_args(["--alpha", "500"]))
-    assert "exact-f0.25-xs-m-l-seed0" in {s.id for s in bench_mod.plan(setup, True)}
+    assert "exact-a500-f0.25-xs-m-l-seed0" in {s.id for s in bench_mod.plan(setup, True)}
+    assert any("alpha: compt's defaults, 500 after official growth" in n for n in bench_mod.clip_notes(bench_mod.FULL))
     with pytest.raises(SystemExit, match="--methods: exactly; pick from official,exact"):
         bench_mod.build_setup(bench_mod.parse_args(["--methods", "exactly"]))
     with pytest.raises(SystemExit, match="--alpha -1: the alignment weight must be >= 0"):

@@ -120,3 +120,19 @@ def test_readme_chain_example_is_valid(tmp_path):
         chain["data"][split] = str(path)
     cfg = load_chain(str(write_chain(tmp_path / "readme.yaml", chain)), DS)
     assert cfg.transfer(1).init == "exact" and cfg.kernels == "auto"
+
+
+def test_alignment_weight_defaults_depend_on_the_growth(tmp_path, chain_dict):
+    """CLIP: 500 (METHOD.md) after official growth or from scratch, 5 after exact growth; an explicit alpha wins."""
+    for stage in chain_dict["stages"][1:]:
+        stage["transfer"].pop("alpha")
+    chain_dict["stages"][2]["transfer"] = {"init": "exact"}
+    cfg = load_chain(str(write_chain(tmp_path / "c.yaml", chain_dict)), DS)
+    assert (cfg.transfer(1).init, cfg.transfer(1).alpha) == ("official", 500.0)
+    assert (cfg.transfer(2).init, cfg.transfer(2).alpha) == ("exact", 5.0)
+    chain_dict["stages"][2]["transfer"] = {"init": "exact", "alpha": 500}
+    assert load_chain(str(write_chain(tmp_path / "c.yaml", chain_dict)), DS).transfer(2).alpha == 500.0
+    chain_dict["stages"][2]["transfer"] = {"init": "none"}
+    assert load_chain(str(write_chain(tmp_path / "c.yaml", chain_dict)), DS).transfer(2).alpha == 500.0
+    demo = load_chain("demo", DS)
+    assert [demo.transfer(k).alpha for k in (1, 2)] == [5.0, 5.0]
