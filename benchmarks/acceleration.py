@@ -399,8 +399,8 @@ def chain_dict(setup: Setup, spec: RunSpec) -> dict[str, Any]:
             stage["lr"] = setup.model_lr[name]
         if k > 0:
             transfer = dict(BASELINE) if spec.transfer is None else dict(spec.transfer)
-            if transfer.get("align") and setup.alpha is not None:
-                transfer.setdefault("alpha", setup.alpha)
+            if transfer.get("align"):
+                transfer.setdefault("alpha", chain_alpha(setup, transfer["init"]))
             if transfer.get("init") == "exact" and setup.exact_noise:
                 transfer.setdefault("noise", setup.exact_noise)
             stage["transfer"] = transfer
@@ -428,6 +428,25 @@ def exact_available(setup: Setup, workdir: Path) -> tuple[bool, str]:
     return True, "exact: the chain config accepts init: exact"
 
 
+def chain_alpha(setup: Setup, init: str) -> float:
+    """The alignment weight of an aligned chain: --alpha, else compt's default for its growth."""
+    from compt.config import alpha_default
+
+    return setup.alpha if setup.alpha is not None else alpha_default(setup.family, init)
+
+
+def alpha_tag(setup: Setup, transfer: dict) -> str:
+    """An aligned chain's id names its weight where it is not the family's base default (the paper's 500 for
+    CLIP), so studies at other weights share a workdir (and its baselines, unaligned chains and base-weight
+    chains) without replacing each other's chains."""
+    from compt.config import ALPHA_DEFAULT
+
+    if not transfer["align"]:
+        return ""
+    alpha = chain_alpha(setup, transfer["init"])
+    return "" if alpha == ALPHA_DEFAULT[setup.family] else f"-a{alpha:g}"
+
+
 def growth_methods(setup: Setup, exact: bool) -> list[str]:
     """The CoM-PT methods this study compares (exact ones only where the chain config accepts exact growth)."""
     return [m for m in setup.methods if exact or GROWTH[m]["init"] != "exact"]
@@ -437,12 +456,9 @@ def plan(setup: Setup, exact: bool) -> list[RunSpec]:
     """Every run the selected studies need, identical chains merged (one run serves several studies)."""
     growth = growth_methods(setup, exact)
     runs: dict[str, RunSpec] = {}
-    # A non-default alignment weight is part of an aligned chain's id, so such chains can share a workdir with
-    # the default study's (reusing its baselines and unaligned chains) without replacing its aligned ones.
-    alpha_tag = f"-a{setup.alpha:g}" if setup.alpha not in (None, family_of(setup).full.alpha) else ""
 
     def add(method: str, models: list[str], seed: int, fraction: float, transfer: dict | None, study: str):
-        tag = "baseline" if transfer is None else f"{method}{alpha_tag if transfer['align'] else ''}-f{fraction:g}"
+        tag = "baseline" if transfer is None else f"{method}{alpha_tag(setup, transfer)}-f{fraction:g}"
         rid = f"{tag}-{'-'.join(models)}-seed{seed}"
         spec = runs.setdefault(rid, RunSpec(rid, method, models, seed, fraction, transfer))
         spec.studies.add(study)

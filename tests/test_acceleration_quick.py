@@ -255,7 +255,7 @@ def test_only_seeds_splits_the_plan(tmp_path, capsys):
     assert bench_mod.main(["--name", "split", "--workdir", str(tmp_path), "--only-seeds", "2,1", "--dry-run"]) == 0
     planned = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert planned == [f"{m}-xs-m-l-seed{s}" for s in (2, 1)
-                       for m in ("baseline", "official-f0.25", "exact-f0.25")]
+                       for m in ("baseline", "official-f0.25", "exact-a5-f0.25")]
 
 
 def test_only_runs_picks_chains_by_id(tmp_path, capsys):
@@ -289,13 +289,17 @@ def test_methods_and_alpha_share_a_workdir_with_the_default_study(tmp_path, caps
     assert list(summary["main"]) == ["baseline", "exact", "param-only-exact"]
     assert list(summary["compute_to_reach"]) == ["exact", "param-only-exact"]
     assert [r["method"] for r in summary["ablation"]] == ["exact", "param-only-exact", "feature-only", "neither"]
-    # Without --alpha, compt's defaults (500 official, 5 exact) and untagged ids; an explicit 500 is tagged.
+    # Without --alpha, compt's defaults: 500 (the paper's, untagged) after official growth, 5 after exact growth,
+    # written into the chain and its id, so the default study reuses this --alpha 5 study's exact chains.
     setup = bench_mod.build_setup(bench_mod.parse_args([]))
     default = {s.id: s for s in bench_mod.plan(setup, True)}
-    assert "transfer" in bench_mod.chain_dict(setup, default["exact-f0.25-xs-m-l-seed0"])["stages"][1]
-    assert "alpha" not in bench_mod.chain_dict(setup, default["exact-f0.25-xs-m-l-seed0"])["stages"][1]["transfer"]
+    for rid, alpha in (("exact-a5-f0.25-xs-m-l-seed0", 5.0), ("official-f0.25-xs-m-l-seed0", 500.0),
+                       ("feature-only-f0.25-xs-m-l-seed0", 500.0)):
+        assert bench_mod.chain_dict(setup, default[rid])["stages"][1]["transfer"]["alpha"] == alpha
+    assert bench_mod.chain_dict(setup, default["exact-a5-f0.25-xs-m-l-seed0"]) == \
+        bench_mod.chain_dict(bench_mod.build_setup(bench_mod.parse_args(args)), specs["exact-a5-f0.25-xs-m-l-seed0"])
     setup = bench_mod.build_setup(bench_mod.parse_args(["--alpha", "500"]))
-    assert "exact-a500-f0.25-xs-m-l-seed0" in {s.id for s in bench_mod.plan(setup, True)}
+    assert "exact-f0.25-xs-m-l-seed0" in {s.id for s in bench_mod.plan(setup, True)}
     assert any("alpha: compt's defaults, 500 after official growth" in n for n in bench_mod.clip_notes(bench_mod.FULL))
     with pytest.raises(SystemExit, match="--methods: exactly; pick from official,exact"):
         bench_mod.build_setup(bench_mod.parse_args(["--methods", "exactly"]))
@@ -330,7 +334,7 @@ def test_a_selection_adopts_what_earlier_invocations_finished(tmp_path):
     launcher.adopt_finished(setup, list(specs.values()))
     assert launcher.first_stage == {0: tmp_path / "baseline-xs-m-l-seed0" / "stages" / "0-xs"}
     assert launcher.retrained == set()  # the only finished chain copied its first stage: no check made yet
-    _fake_finished(bench_mod, setup, specs["exact-f0.25-xs-m-l-seed0"], tmp_path, reused=False)
+    _fake_finished(bench_mod, setup, specs["exact-a5-f0.25-xs-m-l-seed0"], tmp_path, reused=False)
     launcher.adopt_finished(setup, list(specs.values()))
     assert launcher.retrained == {0}
     # Runs finished under other settings are not adopted.
