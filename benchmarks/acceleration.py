@@ -428,6 +428,10 @@ def exact_available(setup: Setup, workdir: Path) -> tuple[bool, str]:
     return True, "exact: the chain config accepts init: exact"
 
 
+# The weight of the chains whose ids predate weights in ids (the CLIP paper's; compt's first LLaMA default).
+UNTAGGED_ALPHA = {"clip": 500.0, "llama": 1.0}
+
+
 def chain_alpha(setup: Setup, init: str) -> float:
     """The alignment weight of an aligned chain: --alpha, else compt's default for its growth."""
     from compt.config import alpha_default
@@ -436,15 +440,12 @@ def chain_alpha(setup: Setup, init: str) -> float:
 
 
 def alpha_tag(setup: Setup, transfer: dict) -> str:
-    """An aligned chain's id names its weight where it is not the family's base default (the paper's 500 for
-    CLIP), so studies at other weights share a workdir (and its baselines, unaligned chains and base-weight
+    """An aligned chain's id names its weight where it is not UNTAGGED_ALPHA's, so studies at other weights share a workdir (and its baselines, unaligned chains and base-weight
     chains) without replacing each other's chains."""
-    from compt.config import ALPHA_DEFAULT
-
     if not transfer["align"]:
         return ""
     alpha = chain_alpha(setup, transfer["init"])
-    return "" if alpha == ALPHA_DEFAULT[setup.family] else f"-a{alpha:g}"
+    return "" if alpha == UNTAGGED_ALPHA[setup.family] else f"-a{alpha:g}"
 
 
 def growth_methods(setup: Setup, exact: bool) -> list[str]:

@@ -22,8 +22,11 @@ PRESETS = {"demo": "demo.yaml", "llama-demo": "llama-demo.yaml"}
 # Default alignment (CLIP) / KL-distillation (LLaMA) weight. CLIP: METHOD.md's 500, except after exact growth,
 # whose student starts as good as its teacher: on digit-numbers (benchmarks/results/acceleration-full-exact-alpha5)
 # exact chains trained better at 5 than at 500 on each of 3 seeds, for both later models (l top-1 75.3% vs 65.4%).
-ALPHA_DEFAULT = {"clip": 500.0, "llama": 1.0}
-ALPHA_DEFAULT_EXACT = {"clip": 5.0, "llama": 1.0}
+# LLaMA: off. On pydoc, KL distillation from the smaller predecessor cost perplexity at weight 1 and still at 0.1,
+# for both growths, both later models and each of 3 seeds (benchmarks/results/acceleration-llama-main-param-only,
+# -alpha0.1); a stage with alpha 0 loads no teacher. Set transfer.alpha > 0 to distil.
+ALPHA_DEFAULT = {"clip": 500.0, "llama": 0.0}
+ALPHA_DEFAULT_EXACT = {"clip": 5.0, "llama": 0.0}
 
 
 def alpha_default(family: str, init: str) -> float:
@@ -73,14 +76,14 @@ class Transfer(_Strict):
     none (from scratch). noise/seed: symmetry breaking for exact growth (function kept).
     align/alpha: CLIP aligns embeddings to the teacher's (alpha default 500, 5 after exact
     growth); LLaMA distils the teacher's next-token distributions, KL at ``temperature``
-    (alpha default 1).
+    (alpha default 0: off, see ALPHA_DEFAULT).
     """
 
     init: Literal["exact", "official", "none"] = "official"
     noise: float = Field(0.0, ge=0.0)
     seed: int | None = Field(None, description="growth noise seed (default: the chain seed + stage index)")
     align: bool = True
-    alpha: float | None = Field(None, ge=0.0, description="default: CLIP 500 (5 with init exact), LLaMA 1")
+    alpha: float | None = Field(None, ge=0.0, description="default: CLIP 500 (5 with init exact), LLaMA 0 (no distillation)")
     temperature: float = Field(1.0, gt=0.0, description="LLaMA distillation temperature")
 
 

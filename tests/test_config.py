@@ -136,3 +136,17 @@ def test_alignment_weight_defaults_depend_on_the_growth(tmp_path, chain_dict):
     assert load_chain(str(write_chain(tmp_path / "c.yaml", chain_dict)), DS).transfer(2).alpha == 500.0
     demo = load_chain("demo", DS)
     assert [demo.transfer(k).alpha for k in (1, 2)] == [5.0, 5.0]
+
+
+def test_llama_distillation_is_off_by_default(tmp_path):
+    import yaml
+
+    chain = yaml.safe_load((REPO / "compt" / "chains" / "llama-demo.yaml").read_text())
+    for stage in chain["stages"][1:]:
+        stage["transfer"].pop("alpha")
+    cfg = load_chain(str(write_chain(tmp_path / "c.yaml", chain)), DS)
+    assert [cfg.transfer(k).alpha for k in (1, 2)] == [0.0, 0.0]
+    from compt.recipes import recipe_from_chain
+
+    assert [m.teacher for m in recipe_from_chain(str(tmp_path / "c.yaml")).models] == [False] * 3  # no teacher
+    assert [m.teacher for m in recipe_from_chain("llama-demo").models] == [False, True, True]  # the demo's alpha 1
