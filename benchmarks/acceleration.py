@@ -825,6 +825,8 @@ def summarize(setup: Setup, runs: list[dict], exact: bool) -> dict[str, Any]:
     for method in methods:
         summary["main"][method] = chain_summary(
             runs, _find(runs, method=method, models=setup.main, fraction=setup.chain_fraction), fam)
+        if GROWTH[method]["align"]:
+            summary["main"][method]["alpha"] = chain_alpha(setup, GROWTH[method]["init"])
     if "search" in setup.studies:
         summary["compute_to_reach"] = {m: compute_to_reach(setup, runs, m) for m in methods}
     if "length" in setup.studies:
@@ -1017,8 +1019,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             cum += row["flops"]
             xs.append(cum)
         ys = [scale * row[q] for row in c["per_model"]]
+        weight = f"alpha {c['alpha']:g}, " if c.get("alpha") is not None else ""
         label = (f"baseline (each model from scratch{mean})" if method == "baseline"
-                 else f"CoM-PT {method} ({_x(c['acceleration_flops'])} fewer FLOPs{mean})")
+                 else f"CoM-PT {method} ({weight}{_x(c['acceleration_flops'])} fewer FLOPs{mean})")
         ax.plot(xs, ys, marker="o", color=colors.get(method), label=label)
         for i, (x, y, row) in enumerate(zip(xs, ys, c["per_model"])):
             if i == 0 and method != "baseline":

@@ -287,6 +287,7 @@ def test_methods_and_alpha_share_a_workdir_with_the_default_study(tmp_path, caps
     assert "official-f0.25-xs-m-l-seed0" not in specs and "feature-only-a5-f0.25-xs-m-l-seed0" in specs
     summary = bench_mod.summarize(setup, _synthetic_runs(bench_mod, setup, True), True)
     assert list(summary["main"]) == ["baseline", "exact", "param-only-exact"]
+    assert summary["main"]["exact"]["alpha"] == 5.0 and "alpha" not in summary["main"]["param-only-exact"]
     assert list(summary["compute_to_reach"]) == ["exact", "param-only-exact"]
     assert [r["method"] for r in summary["ablation"]] == ["exact", "param-only-exact", "feature-only", "neither"]
     # Without --alpha, compt's defaults: 500 (the paper's, untagged) after official growth, 5 after exact growth,
