@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from compt.config import ChainConfig
+from compt.config import ChainConfig, Transfer
 
 STATUSES = ("pending", "running", "done", "failed")
 RESULT_NEUTRAL_SETTINGS = {"log_every", "checkpoint_every_steps", "checkpoint_minutes", "keep_checkpoints",
@@ -82,11 +82,21 @@ class RunDir:
             return []
         new = stage_fingerprints(cfg, ds_config)
         try:
-            before = stage_fingerprints(ChainConfig.model_validate(old["config"]), old.get("ds_config") or {})
+            before = stage_fingerprints(self._config_as_trained(old), old.get("ds_config") or {})
         except (ValidationError, ValueError, KeyError):
             before = [None] * len(old["stages"])  # written by an incompatible compt: treat all as changed
         return [e for k, e in enumerate(old["stages"])
                 if self._has_progress(e) and (k >= len(new) or before[k] != new[k])]
+
+    @staticmethod
+    def _config_as_trained(manifest: dict) -> ChainConfig:
+        """The manifest's chain config with the transfer settings its stages used: defaults that left the
+        config (an alpha not given) are those of the compt that wrote it, so a changed default is a change."""
+        cfg = ChainConfig.model_validate(manifest["config"])
+        used = manifest.get("transfers") or []
+        stages = [s.model_copy(update={"transfer": Transfer.model_validate(used[k])})
+                  if k < len(used) and used[k] is not None else s for k, s in enumerate(cfg.stages)]
+        return cfg.model_copy(update={"stages": stages})
 
     def conflict(self, cfg: ChainConfig, ds_config: dict, accept_change: bool = False) -> str | None:
         """Why this run directory cannot take ``cfg`` (read-only, so every rank can ask)."""
@@ -127,6 +137,8 @@ class RunDir:
             "chain": cfg.name,
             "config": cfg.model_dump(mode="json"),
             "ds_config": ds_config,
+            # Each stage's transfer with compt's defaults filled in (changed_stages compares against them).
+            "transfers": [t.model_dump(mode="json") if t else None for t in map(cfg.transfer, range(len(cfg.stages)))],
             "stages": [kept[k] if k in kept and kept[k]["name"] == s.name else self._entry(k, s.name)
                        for k, s in enumerate(cfg.stages)],
         }

@@ -150,3 +150,23 @@ def test_llama_distillation_is_off_by_default(tmp_path):
 
     assert [m.teacher for m in recipe_from_chain(str(tmp_path / "c.yaml")).models] == [False] * 3  # no teacher
     assert [m.teacher for m in recipe_from_chain("llama-demo").models] == [False, True, True]  # the demo's alpha 1
+
+
+def test_a_changed_default_counts_as_a_config_change(tmp_path, chain_dict, monkeypatch):
+    """A stage trained under compt's earlier default weight is not resumed under a new default unnoticed."""
+    import compt.config
+    from compt.engine import read_ds_config
+    from compt.rundir import RunDir
+
+    chain_dict["stages"][2]["transfer"] = {"init": "exact", "noise": 0.01}  # alpha: the default
+    path = write_chain(tmp_path / "c.yaml", chain_dict)
+    ds = read_ds_config(DS)
+    run = RunDir(tmp_path / "run")
+    run.open(load_chain(str(path), DS), ds)
+    assert run.read_manifest()["transfers"][2]["alpha"] == 5.0
+    run.update_stage(1, status="done")
+    run.update_stage(2, status="running")
+    assert run.conflict(load_chain(str(path), DS), ds) is None
+    monkeypatch.setitem(compt.config.ALPHA_DEFAULT_EXACT, "clip", 50.0)
+    problem = run.conflict(load_chain(str(path), DS), ds)
+    assert problem is not None and "2 'c' (running)" in problem and "1 'b'" not in problem
