@@ -440,8 +440,8 @@ def chain_alpha(setup: Setup, init: str) -> float:
 
 
 def alpha_tag(setup: Setup, transfer: dict) -> str:
-    """An aligned chain's id names its weight where it is not UNTAGGED_ALPHA's, so studies at other weights share a workdir (and its baselines, unaligned chains and base-weight
-    chains) without replacing each other's chains."""
+    """An aligned chain's id names its weight where it is not UNTAGGED_ALPHA's, so studies at other weights
+    share a workdir (its baselines, unaligned chains and untagged chains) without replacing each other's."""
     if not transfer["align"]:
         return ""
     alpha = chain_alpha(setup, transfer["init"])
@@ -1082,10 +1082,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated CoM-PT variants to compare with the baseline, from {','.join(GROWTH)} "
                         "(default: official,exact; param-only-* train without the alignment term)")
     p.add_argument("--alpha", type=float, default=None,
-                   help="alignment weight of every aligned chain (default: compt's, clip 500 or 5 after exact "
-                        "growth; llama 1); "
-                        "a non-default value goes into those chains' ids, so a --workdir shared with the default "
-                        "study reuses its baselines and unaligned chains and keeps its aligned ones")
+                   help="alignment weight of every aligned chain (default: clip compt's, 500 or 5 after exact "
+                        "growth; llama the preset's 1, to study distillation); a weight other than clip 500 / "
+                        "llama 1 goes into those chains' ids, so a --workdir shared with another study reuses its "
+                        "baselines and unaligned chains and keeps its aligned ones")
     p.add_argument("--baseline-steps", type=int, default=None, help="from-scratch budget per model, in steps")
     p.add_argument("--chain-fraction", type=float, default=None, help="later chain stages' budget fraction")
     p.add_argument("--search-fractions", default=None, help="comma-separated budget fractions to search")
