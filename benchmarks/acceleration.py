@@ -309,7 +309,8 @@ def llama_notes(setup: Setup) -> list[str]:
         f"{setup.warmup_fraction:g} of each stage's steps, cosine to 0. Feature space = KL distillation: "
         f"alpha {setup.alpha:g} x KL(teacher || student) over next-token distributions at temperature 1, next to "
         f"the next-token loss; parameter space = growth (exact growth with noise {setup.exact_noise:g}, which "
-        f"keeps the function).",
+        f"keeps the function)." + (" compt's own LLaMA default is no distillation (alpha 0); the study sets it "
+                                    "to measure the method with it." if setup.alpha else ""),
         FAMILIES["llama"].quality.rule(setup.match_tolerance),
     ]
 
