@@ -561,19 +561,12 @@ class Launcher:
         whose selection may leave out a seed's baseline): a finished baseline's first stage is given to
         this invocation's chains of its seed, and a finished chain that trained its own first stage is
         that seed's determinism check, so no chain here retrains it again."""
-        import tempfile
-
-        from compt.config import load_chain
+        from compt.config import ChainConfig
 
         for spec in specs:
             run_dir = self.workdir / spec.id
-            if not (run_dir / "manifest.json").is_file():
-                continue
-            with tempfile.TemporaryDirectory() as tmp:  # this invocation's config of the chain, not the file's
-                path = Path(tmp) / "chain.yaml"
-                path.write_text(yaml.safe_dump(chain_dict(setup, spec), sort_keys=False))
-                cfg = load_chain(str(path), REPO / DS_CONFIG)
-            if not self._finished(run_dir, cfg):
+            # This invocation's config of the chain (not the YAML an earlier one left), as _finished compares it.
+            if not self._finished(run_dir, ChainConfig.model_validate(chain_dict(setup, spec))):
                 continue
             if spec.transfer is None:
                 self.first_stage.setdefault(spec.seed, run_dir / "stages" / f"0-{spec.models[0]}")
@@ -1169,7 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0, load0 = time.time(), [round(x, 2) for x in os.getloadavg()]
     exact, exact_note = exact_available(setup, workdir)
-    specs = plan(setup, exact)
+    specs = full_plan = plan(setup, exact)
     print(f"acceleration benchmark '{name}': {len(specs)} chains, workdir {workdir}")
     if args.only_seeds is not None:
         order = [int(x) for x in args.only_seeds.split(",") if x.strip()]
@@ -1189,7 +1182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     launcher = Launcher(workdir, args.port, args.retrain_first_stage)
     if args.only_seeds is not None or args.only_runs is not None:
-        launcher.adopt_finished(setup, plan(setup, exact))
+        launcher.adopt_finished(setup, full_plan)
     runs = []
     for i, spec in enumerate(specs, 1):
         print(f"[{i}/{len(specs)}] {spec.id}", flush=True)

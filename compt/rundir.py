@@ -145,11 +145,11 @@ class RunDir:
         write_json(self.manifest_path, manifest)
         return manifest
 
-    def record_failure(self, k: int, name: str, rank: int, world: int, error: BaseException) -> Path | None:
+    def record_failure(self, k: int, name: str, rank: int, world: int, error: BaseException) -> None:
         """Keep why stage ``k`` failed on this rank: every rank appends to its own
         ``<stage dir>/errors/rank<r>.log`` (a failure on one rank often shows on the others only as a
         lost connection), and rank 0 marks the stage failed in the manifest. Best effort: on a full
-        disk the file may not be written, so the caller prints the error too. Returns the log's path."""
+        disk the file may not be written, so the caller prints the error too."""
         log = self.stage_dir(k, name) / "errors" / f"rank{rank}.log"
         try:
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -157,12 +157,11 @@ class RunDir:
                 f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] rank {rank} of {world}: "
                         f"{type(error).__name__}: {error}\n")
         except OSError:
-            log = None
+            pass
         if rank == 0:
             where = (self.stage_dir(k, name) / "errors").relative_to(self.root)
             self.update_stage(k, status="failed", error=str(error) + (
                 f" [rank 0's error; every failing rank's own is in {where}/rank<r>.log]" if world > 1 else ""))
-        return log
 
     def update_stage(self, k: int, **fields: Any) -> dict:
         manifest = self.read_manifest()
