@@ -52,12 +52,16 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from compt import families
+from compt.families import DEFAULT_FAMILY
 
 REPO = Path(__file__).resolve().parents[1]
 DS_CONFIG = "ds_configs/zero3.json"
@@ -104,10 +108,10 @@ class Setup:
     batch_size: int = 64
     lr: float = 2e-3
     warmup_fraction: float = 0.05
-    alpha: float | None = None  # alignment weight of aligned chains; None: compt's defaults (compt.config)
+    alpha: float | None = None  # alignment weight of aligned chains; None: the family's alpha_default
     eval_batch_size: int = 300
     match_tolerance: float = 0.0  # "matches the baseline": see Quality.matches
-    family: str = "clip"  # a key of FAMILIES
+    family: str = DEFAULT_FAMILY  # a compt model family (compt.families) with a preset in PRESETS
     data: dict = field(default_factory=lambda: {"kind": "digit-numbers"})
     exact_noise: float = 0.0  # symmetry-breaking noise of exact growth (the grown function is kept)
     model_lr: dict[str, float] = field(default_factory=dict)  # per-model peak lr (else lr), same in every method
@@ -181,18 +185,29 @@ GROWTH = {
 
 
 # ---------------------------------------------------------------------------
-# What the benchmark needs to know about a model family.
+# How the benchmark runs and shows a model family. What the family is (its quality figure, which way is
+# better, its default alignment weight) is compt's: compt.families.family_of(name).
 # ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class QualityStyle:
+    """How the benchmark matches and shows a family's quality figure."""
+
+    relative_tolerance: bool  # match_tolerance is a fraction of the baseline's value (else absolute)
+    percent: bool  # a fraction shown as a percentage
+    plot_scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class Quality:
-    """The figure a family's models are compared by, and which way is better."""
+    """The figure a family's models are compared by, and which way is better (the family's own
+    compt.families.Quality), with how the benchmark matches and shows it."""
 
     key: str  # per-stage metrics.json figure; init_<key> is the grown model's at step 0
     label: str  # how tables name it
     higher_is_better: bool
-    relative_tolerance: bool  # match_tolerance is a fraction of the baseline's value (else absolute)
-    percent: bool  # a fraction shown as a percentage
+    relative_tolerance: bool
+    percent: bool
     plot_scale: float = 1.0
 
     def matches(self, value: float, baseline: float, tolerance: float) -> bool:
@@ -221,13 +236,15 @@ class Quality:
 
 
 @dataclass(frozen=True)
-class Family:
-    """A model family as the benchmark sees it: its setups, its quality figure and how to report them."""
+class Preset:
+    """What the benchmark runs for a model family and how it reports it; the family is ``full.family``."""
 
     full: Setup
     quick: Setup
+    about: str  # for --help
     result_prefix: str  # default results name: <prefix>quick / <prefix>full
-    quality: Quality
+    untagged_alpha: float  # the weight of aligned chains whose ids name none (see alpha_tag)
+    quality_style: QualityStyle
     side: tuple[str, ...]  # other per-model figures, averaged over seeds like the quality
     init: tuple[str, ...]  # figures of a grown model at step 0
     figures: Callable[[dict], dict]  # metrics.json -> the figures above (and more), in table order
@@ -241,6 +258,16 @@ class Family:
     yscale: str
     decorate: Callable[[Any, dict], None]  # (axes, result): reference lines on the plot
     findings: Callable[[dict], list[str]]  # result -> sentences on what the tables show (rendered, not stored)
+
+    @property
+    def family(self) -> str:
+        return self.full.family
+
+    @cached_property
+    def quality(self) -> Quality:
+        """The family's quality figure (compt's), matched and shown in this preset's style."""
+        q = families.family_of(self.family).quality
+        return Quality(q.key, q.label, q.higher_is_better, **asdict(self.quality_style))
 
 
 def clip_figures(m: dict) -> dict:
@@ -262,8 +289,7 @@ WALL_NOTE = ("Wall time is the sum of the stages' wall_seconds (build, growth, t
 
 
 def clip_notes(setup: Setup) -> list[str]:
-    from compt.config import alpha_default
-
+    family = families.family_of(setup.family)
     return [
         "Quality is zero-shot top-1 over all 90 classes of the digit-numbers val split (900 images built from "
         "digit images never seen in training; 9 of the 90 numbers never appear in training at all).",
@@ -272,9 +298,9 @@ def clip_notes(setup: Setup) -> list[str]:
         f"CoM-PT later stages {setup.chain_fraction:g} of that; {setup.lr_text()}, warmup "
         f"{setup.warmup_fraction:g} of each stage's steps, cosine to 0, " + (
             f"alpha {setup.alpha:g}." if setup.alpha is not None else
-            f"alpha: compt's defaults, {alpha_default('clip', 'official'):g} after official growth (and random "
-            f"init), {alpha_default('clip', 'exact'):g} after exact growth."),
-        FAMILIES["clip"].quality.rule(setup.match_tolerance),
+            f"alpha: compt's defaults, {family.alpha_default('official'):g} after official growth (and random "
+            f"init), {family.alpha_default('exact'):g} after exact growth."),
+        preset_of(setup).quality.rule(setup.match_tolerance),
     ]
 
 
@@ -311,7 +337,7 @@ def llama_notes(setup: Setup) -> list[str]:
         f"the next-token loss; parameter space = growth (exact growth with noise {setup.exact_noise:g}, which "
         f"keeps the function)." + (" compt's own LLaMA default is no distillation (alpha 0); the study sets it "
                                     "to measure the method with it." if setup.alpha else ""),
-        FAMILIES["llama"].quality.rule(setup.match_tolerance),
+        preset_of(setup).quality.rule(setup.match_tolerance),
     ]
 
 
@@ -322,18 +348,19 @@ def clip_decorate(ax, result: dict) -> None:
 
 def llama_decorate(ax, result: dict) -> None:
     """The bar the largest model has to clear: its from-scratch perplexity, plus the tolerance."""
-    q, tol = FAMILIES["llama"].quality, result["setup"]["match_tolerance"]
+    q, tol = preset_of(result["setup"]).quality, result["setup"]["match_tolerance"]
     last = result["summary"]["main"]["baseline"]["per_model"][-1]
     bar = last[q.key] * (1 + tol) if q.relative_tolerance else last[q.key] + tol
     ax.axhline(bar, color="black", lw=0.8, ls=":",
                label=f"{last['name']} from scratch" + (f" x (1 + {tol:g})" if tol else ""))
 
 
-FAMILIES: dict[str, Family] = {
-    "clip": Family(
-        full=FULL, quick=QUICK, result_prefix="",
-        quality=Quality("zeroshot_top1", "top-1", higher_is_better=True, relative_tolerance=False, percent=True,
-                        plot_scale=100.0),
+# The benchmark's presets, by compt family name (--family).
+PRESETS: dict[str, Preset] = {p.family: p for p in (
+    Preset(
+        full=FULL, quick=QUICK, about="CLIPs on digit-numbers, quality = zero-shot top-1", result_prefix="",
+        untagged_alpha=500.0,  # the CLIP paper's
+        quality_style=QualityStyle(relative_tolerance=False, percent=True, plot_scale=100.0),
         side=("i2t_R@1", "t2i_R@1"), init=("init_zeroshot_top1",), figures=clip_figures,
         columns=(("top-1", lambda r: _pct(r["zeroshot_top1"], r["zeroshot_top1_std"])),
                  ("I→T R@1", lambda r: _pct(r["i2t_R@1"])), ("T→I R@1", lambda r: _pct(r["t2i_R@1"])),
@@ -348,9 +375,10 @@ FAMILIES: dict[str, Family] = {
         ylabel="zero-shot top-1 on digit-numbers val (%)", yscale="linear", decorate=clip_decorate,
         findings=lambda result: verdicts(result),
     ),
-    "llama": Family(
-        full=LLAMA_FULL, quick=LLAMA_QUICK, result_prefix="llama-",
-        quality=Quality("val_ppl", "val ppl", higher_is_better=False, relative_tolerance=True, percent=False),
+    Preset(
+        full=LLAMA_FULL, quick=LLAMA_QUICK, about="LLaMAs on the pydoc corpus, quality = validation perplexity",
+        result_prefix="llama-", untagged_alpha=1.0,  # compt's first LLaMA default
+        quality_style=QualityStyle(relative_tolerance=True, percent=False),
         side=("val_loss",), init=("init_val_ppl", "teacher_val_ppl"), figures=llama_figures,
         columns=(("val ppl", lambda r: _num(r["val_ppl"], r["val_ppl_std"])),
                  ("vs baseline", lambda r: _ratio(r["val_ppl"], r.get("baseline_val_ppl"))),
@@ -369,12 +397,13 @@ FAMILIES: dict[str, Family] = {
         ylabel="validation perplexity on pydoc (log scale; lower is better)", yscale="log",
         decorate=llama_decorate, findings=lambda result: verdicts(result),
     ),
-}
+)}
 
 
-def family_of(setup: Setup | dict) -> Family:
-    """The family of a Setup, or of the setup recorded in a results JSON (older CLIP results name none)."""
-    return FAMILIES[setup.family if isinstance(setup, Setup) else setup.get("family", "clip")]
+def preset_of(setup: Setup | dict) -> Preset:
+    """The preset of a Setup's family, or of the setup recorded in a results JSON (older results, all
+    of the default family, name none)."""
+    return PRESETS[setup.family if isinstance(setup, Setup) else setup.get("family", DEFAULT_FAMILY)]
 
 
 @dataclass
@@ -429,24 +458,19 @@ def exact_available(setup: Setup, workdir: Path) -> tuple[bool, str]:
     return True, "exact: the chain config accepts init: exact"
 
 
-# The weight of the chains whose ids predate weights in ids (the CLIP paper's; compt's first LLaMA default).
-UNTAGGED_ALPHA = {"clip": 500.0, "llama": 1.0}
-
-
 def chain_alpha(setup: Setup, init: str) -> float:
-    """The alignment weight of an aligned chain: --alpha, else compt's default for its growth."""
-    from compt.config import alpha_default
-
-    return setup.alpha if setup.alpha is not None else alpha_default(setup.family, init)
+    """The alignment weight of an aligned chain: --alpha, else the family's default for its growth."""
+    return setup.alpha if setup.alpha is not None else families.family_of(setup.family).alpha_default(init)
 
 
 def alpha_tag(setup: Setup, transfer: dict) -> str:
-    """An aligned chain's id names its weight where it is not UNTAGGED_ALPHA's, so studies at other weights
-    share a workdir (its baselines, unaligned chains and untagged chains) without replacing each other's."""
+    """An aligned chain's id names its weight where it is not the preset's untagged_alpha (the weight of the
+    chains whose ids predate weights in ids), so studies at other weights share a workdir (its baselines,
+    unaligned chains and untagged chains) without replacing each other's."""
     if not transfer["align"]:
         return ""
     alpha = chain_alpha(setup, transfer["init"])
-    return "" if alpha == UNTAGGED_ALPHA[setup.family] else f"-a{alpha:g}"
+    return "" if alpha == preset_of(setup).untagged_alpha else f"-a{alpha:g}"
 
 
 def growth_methods(setup: Setup, exact: bool) -> list[str]:
@@ -547,7 +571,7 @@ class Launcher:
             self.log(f"  {spec.id}: finished earlier in {run_dir}, reusing")
         if spec.transfer is not None and not (run_dir / REUSED_MARK).exists():
             self.retrained.add(spec.seed)
-        stages = read_stages(run_dir, family_of(setup))
+        stages = read_stages(run_dir, preset_of(setup))
         if spec.transfer is None:
             self.first_stage.setdefault(spec.seed, run_dir / "stages" / f"0-{spec.models[0]}")
         return {"id": spec.id, "method": spec.method, "models": spec.models, "seed": spec.seed,
@@ -620,7 +644,7 @@ def free_port(start: int) -> int:
     raise RuntimeError(f"no free port in {start}..{start + 499}; pass another --port")
 
 
-def read_stages(run_dir: Path, fam: Family) -> list[dict[str, Any]]:
+def read_stages(run_dir: Path, fam: Preset) -> list[dict[str, Any]]:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     out = []
     for entry in manifest["stages"]:
@@ -664,7 +688,7 @@ def baseline_stage(runs: list[dict], model: str, seed: int) -> dict:
     raise KeyError(f"no baseline run of {model} for seed {seed}")
 
 
-def chain_summary(runs: list[dict], chain_runs: list[dict], fam: Family) -> dict[str, Any]:
+def chain_summary(runs: list[dict], chain_runs: list[dict], fam: Preset) -> dict[str, Any]:
     """Per model (mean over seeds) and per chain: acceleration by FLOPs and by wall time vs the baseline."""
     q = fam.quality.key
     models = chain_runs[0]["models"]
@@ -697,7 +721,7 @@ def chain_summary(runs: list[dict], chain_runs: list[dict], fam: Family) -> dict
     }
 
 
-def baseline_summary(runs: list[dict], models: list[str], seeds: list[int], fam: Family) -> dict[str, Any]:
+def baseline_summary(runs: list[dict], models: list[str], seeds: list[int], fam: Preset) -> dict[str, Any]:
     q = fam.quality.key
     per_model = []
     for name in models:
@@ -716,7 +740,7 @@ def baseline_summary(runs: list[dict], models: list[str], seeds: list[int], fam:
 def compute_to_reach(setup: Setup, runs: list[dict], method: str) -> list[dict[str, Any]]:
     """Per later model: the smallest searched stage budget whose quality matches its from-scratch baseline
     (seed 0; Quality.matches with setup.match_tolerance)."""
-    quality = family_of(setup).quality
+    quality = preset_of(setup).quality
     q = quality.key
     search = sorted(_find(runs, method=method, seed=0, models=setup.main), key=lambda r: r["fraction"])
     out = []
@@ -738,7 +762,7 @@ def compute_to_reach(setup: Setup, runs: list[dict], method: str) -> list[dict[s
 
 
 def chain_length_study(setup: Setup, runs: list[dict], methods: list[str]) -> list[dict[str, Any]]:
-    fam = family_of(setup)
+    fam = preset_of(setup)
     q = fam.quality.key
     out = []
     for method in methods:
@@ -764,7 +788,7 @@ ABLATION_LABELS = {
 
 
 def ablation_study(setup: Setup, runs: list[dict]) -> list[dict[str, Any]]:
-    fam = family_of(setup)
+    fam = preset_of(setup)
     q = fam.quality.key
     out = []
     for method, label in ABLATION_LABELS.items():
@@ -780,7 +804,7 @@ def ablation_study(setup: Setup, runs: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
-def first_stage_check(runs: list[dict], fam: Family) -> list[dict[str, Any]]:
+def first_stage_check(runs: list[dict], fam: Preset) -> list[dict[str, Any]]:
     """For every seed: did a chain that retrained its first stage reproduce the baseline's bit for bit?"""
     q = fam.quality.key
     out = []
@@ -812,7 +836,7 @@ def predicted_costs(runs: list[dict]) -> dict[str, Any]:
 
 def summarize(setup: Setup, runs: list[dict], exact: bool) -> dict[str, Any]:
     """Every study's tables from the finished runs (pure: reads only the run records)."""
-    fam = family_of(setup)
+    fam = preset_of(setup)
     methods = growth_methods(setup, exact)
     summary: dict[str, Any] = {"main": {"baseline": baseline_summary(runs, setup.main, list(range(setup.seeds)),
                                                                      fam)}}
@@ -837,7 +861,7 @@ def summarize(setup: Setup, runs: list[dict], exact: bool) -> dict[str, Any]:
 
 def verdicts(result: dict[str, Any]) -> list[str]:
     """What the tables say, in sentences: did each CoM-PT model match its from-scratch baseline, and at what cost."""
-    quality = family_of(result["setup"]).quality
+    quality = preset_of(result["setup"]).quality
     q, tol, summary = quality.key, result["setup"]["match_tolerance"], result["summary"]
     fmt = quality.format
     base = summary["main"]["baseline"]["per_model"]
@@ -886,7 +910,7 @@ def verdicts(result: dict[str, Any]) -> list[str]:
     return out
 
 
-def machine(fam: Family) -> dict[str, Any]:
+def machine(fam: Preset) -> dict[str, Any]:
     import torch
 
     def version(pkg):
@@ -927,7 +951,7 @@ def _x(x: float | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     from compt.flops import format_flops
 
-    fam = family_of(result["setup"])
+    fam = preset_of(result["setup"])
     quality, q, label = fam.quality, fam.quality.key, fam.quality.label
     s = result["summary"]
     m = result["machine"]
@@ -1000,7 +1024,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fam = family_of(result["setup"])
+    fam = preset_of(result["setup"])
     q, scale = fam.quality.key, fam.quality.plot_scale
     colors = {"baseline": "tab:gray", "official": "tab:blue", "exact": "tab:green",
               "param-only-official": "tab:orange", "param-only-exact": "tab:red"}
@@ -1063,9 +1087,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=sorted(FAMILIES), default="clip",
-                   help="clip: CLIPs on digit-numbers, quality = zero-shot top-1; llama: LLaMAs on the pydoc "
-                        "corpus, quality = validation perplexity (default: clip)")
+    p.add_argument("--family", choices=sorted(PRESETS), default=DEFAULT_FAMILY,
+                   help="; ".join(f"{name}: {preset.about}" for name, preset in PRESETS.items())
+                        + f" (default: {DEFAULT_FAMILY})")
     p.add_argument("--quick", action="store_true", help="tiny models, few steps, 1 seed, main comparison only")
     p.add_argument("--name", default=None,
                    help="results name (default: quick or full; for llama llama-quick or llama-full)")
@@ -1110,7 +1134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_setup(args: argparse.Namespace) -> Setup:
     import copy
 
-    fam = FAMILIES[args.family]
+    fam = PRESETS[args.family]
     setup = copy.deepcopy(fam.quick if args.quick else fam.full)
     if args.seeds is not None:
         setup.seeds = args.seeds
@@ -1144,7 +1168,7 @@ def build_setup(args: argparse.Namespace) -> Setup:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup = build_setup(args)
-    fam = family_of(setup)
+    fam = preset_of(setup)
     name = args.name or fam.result_prefix + ("quick" if args.quick else "full")
     if args.replot:
         stem = Path(args.results) / f"acceleration-{name}"

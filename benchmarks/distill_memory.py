@@ -6,7 +6,7 @@ Each variant runs forward + backward once in a fresh process; the figure is the 
 the process's peak RSS over its RSS just before the call (inputs already allocated), so it
 counts what the loss itself allocates. The chunked path here is the PyTorch backend of
 ``fused_linear_kl`` (the same chunking as the Triton kernel, whose GPU figures come from
-``benchmarks/kernels.py --distill``). Writes benchmarks/results/distill-memory-cpu.{json,md}.
+``benchmarks/kernel_bench.py --distill``). Writes benchmarks/results/distill-memory-cpu.{json,md}.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
     python benchmarks/faults.py --trials 5 --ranks 1 2 --kills 2
 
-Each trial starts the tiny test chain (tests/conftest.py: 3 stages, checkpoints every 2
-steps) through the real deepspeed launcher, kills the whole process group with SIGKILL
+Each trial starts a tiny chain (TINY_CHAIN: 3 stages, checkpoints every 2 steps; the test
+suite's, tests/conftest.py) through the real deepspeed launcher, kills the whole process group with SIGKILL
 a random delay after training starts (any moment: mid-step, mid-checkpoint, mid-save, between stages),
 restarts it, possibly kills it again (``--kills``), and finally lets it finish. Every
 stage's weights and loss curve must equal, bit for bit, those of an uninterrupted run
@@ -28,9 +28,32 @@ import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import TINY_CHAIN  # noqa: E402  (the chain the test suite uses)
 
+
+def tiny_model(width: int = 32, layers: int = 1, embed: int = 32) -> dict:
+    return {
+        "embed_dim": embed,
+        "vision_cfg": {"image_size": 16, "patch_size": 8, "width": width, "layers": layers, "head_width": 16},
+        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": width, "heads": width // 16, "layers": layers},
+    }
+
+
+# The test suite's tiny chain (tests/conftest.py), which results/faults-cpu2* ran: a benchmark does not
+# import the tests, so it keeps its own copy.
+TINY_CHAIN = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"kind": "digits", "render_size": 16},
+    "eval": {"batch_size": 120},
+    "defaults": {"lr": 2.0e-3, "warmup_steps": 2, "batch_size": 32, "log_every": 2, "checkpoint_every_steps": 2},
+    "stages": [
+        {"name": "a", "model": tiny_model(32, 1), "budget": {"steps": 6}},
+        {"name": "b", "model": tiny_model(64, 1), "budget": {"steps": 8},
+         "transfer": {"init": "official", "align": True, "alpha": 500}},
+        {"name": "c", "model": tiny_model(64, 2), "budget": {"samples": 128},
+         "transfer": {"init": "exact", "noise": 0.01, "align": True, "alpha": 500}},
+    ],
+}
 STAGES = [f"{k}-{s['name']}" for k, s in enumerate(TINY_CHAIN["stages"])]
 
 

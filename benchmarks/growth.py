@@ -62,13 +62,15 @@ def worker_sharded(small_path: str, mode: str) -> dict | None:
     import torch.distributed as dist
 
     from compt.config import Transfer
+    from compt.families import family_of
     from compt.stage import StageResult, grow_into, init_student
 
     deepspeed.init_distributed()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    family = family_of("clip")
     ds = {"train_batch_size": dist.get_world_size(), "zero_optimization": {"stage": 3}}
     if mode == "official":
-        model = init_student(CHAIN_L16, None, seed=0, zero3_config=ds)
+        model = init_student(family, CHAIN_L16, None, seed=0, zero3_config=ds)
     else:  # exact overwrites every element: build straight into partitions, no full init needed
         with deepspeed.zero.Init(config_dict_or_path=ds):
             from compt.clip.model import build_clip
@@ -77,7 +79,7 @@ def worker_sharded(small_path: str, mode: str) -> dict | None:
     prev = StageResult(0, "b16", CHAIN_B16, Path(small_path).parent, Path(small_path), None, {})
     dist.barrier()
     t0 = time.perf_counter()
-    grow_into(model, prev, CHAIN_L16, Transfer(init=mode, noise=0.01), seed=0, zero3=True)
+    grow_into(family, model, prev, CHAIN_L16, Transfer(init=mode, noise=0.01), seed=0, zero3=True)
     dist.barrier()
     seconds = time.perf_counter() - t0
     local = sum(p.ds_tensor.numel() for p in model.parameters())
@@ -94,12 +96,12 @@ def init_quality(run_dir: Path, modes: list[str]) -> list[dict]:
     import torch
     from safetensors.torch import load_file
 
+    from compt.clip.evaluate import embedding_cosine, evaluate
     from compt.clip.grow import grow_state_dict
+    from compt.clip.loader import eval_loader
     from compt.clip.model import build_clip, load_into, preprocess_for
     from compt.config import ChainConfig
     from compt.data import build_dataset
-    from compt.evaluate import embedding_cosine, evaluate
-    from compt.loader import eval_loader
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     cfg = ChainConfig.model_validate(manifest["config"])

@@ -5,7 +5,7 @@ vs a plain PyTorch loop (same model, batches, AdamW, clipping), in one process.
 
 Data loading is excluded on both sides (batches are built once), so the ratio measures
 the engine's overhead. The DeepSpeed side runs compt's own training loop
-(compt.stage._train_loop: the cross-rank finite-loss check, loss logging, fault counters,
+(compt.stage.train_loop: the cross-rank finite-loss check, loss logging, fault counters,
 progress bar, checkpoint polling with checkpoints off) with the chain's CLIP loss step;
 the plain side is a bare loop with the same model, loss, AdamW, clipping and schedule.
 Writes benchmarks/results/throughput-<device>-<model>-<ds config>.json and .md (--results).
@@ -32,9 +32,9 @@ DEMO_BASE = {"embed_dim": 64,
 
 
 def _batches(model_cfg: dict, batch: int, n: int, device):
+    from compt.clip.loader import Batch, train_loader
     from compt.clip.model import preprocess_for
     from compt.data import DataConfig, build_dataset
-    from compt.loader import Batch, train_loader
 
     v = model_cfg["vision_cfg"]
     ds = build_dataset(DataConfig(kind="digits", render_size=min(v["image_size"], 64)), "train")
@@ -62,32 +62,32 @@ def run_deepspeed(model_cfg, batches, args, device, profile=None) -> float | Non
     import tempfile
 
     from compt.checkpoint import StageCheckpointer
+    from compt.clip.loader import Batch
     from compt.config import TrainSettings
     from compt.engine import build_engine, read_ds_config, stage_ds_config
     from compt.families import family_of
     from compt.faults import Counters
-    from compt.loader import Batch
-    from compt.stage import _train_loop, init_student
+    from compt.stage import init_student, train_loop
 
+    family = family_of("clip")
     settings = TrainSettings(batch_size=args.batch, warmup_steps=5)
     base = read_ds_config(args.ds_config or REPO / "ds_configs" / f"zero{args.zero}.json")
     if device.type == "cuda":
         base["bf16"] = {"enabled": True}
     ds_cfg = stage_ds_config(base, settings, total_steps=len(batches), world_size=1)
     zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
-    model = init_student(model_cfg, None, 0, ds_cfg if zero3 else None)
-    engine = build_engine(model if zero3 else model.to(device), ds_cfg, settings.weight_decay)
-    family = family_of("clip")
+    model = init_student(family, model_cfg, None, 0, ds_cfg if zero3 else None)
+    engine = build_engine(model if zero3 else model.to(device), ds_cfg, settings.weight_decay, family.no_decay)
     loss_step = family.loss(None, None, 0, 1, "auto")  # a first stage: contrastive loss only
 
     def loop(part):
         if device.type == "cuda":
             part = [Batch(b.images.to(torch.bfloat16), b.texts) for b in part]
         with tempfile.TemporaryDirectory() as tmp:  # checkpoints off: nothing is written there
-            _train_loop(engine, iter(part), loss_step, None, steps=len(part), start=0, curve=[], settings=settings,
-                        checkpointer=StageCheckpointer(engine, Path(tmp), 0, 0, 1, 0), client={},
-                        counters=Counters(), max_bad_fraction=1.0, label="throughput", rank=0,
-                        names=family.curve_names)
+            train_loop(engine, iter(part), loss_step, None, steps=len(part), start=0, curve=[], settings=settings,
+                       checkpointer=StageCheckpointer(engine, Path(tmp), 0, 0, 1, 0), client={},
+                       counters=Counters(), max_bad_fraction=1.0, label="throughput", rank=0,
+                       names=family.curve_names)
 
     try:
         if profile is None:
@@ -102,15 +102,17 @@ def run_deepspeed(model_cfg, batches, args, device, profile=None) -> float | Non
 
 
 def run_plain(model_cfg, batches, args, device) -> float:
+    from compt.clip.losses import ChainLoss
     from compt.clip.model import build_clip
     from compt.config import TrainSettings
     from compt.engine import param_groups
-    from compt.losses import ChainLoss
+    from compt.families import family_of
 
     s = TrainSettings(batch_size=args.batch, warmup_steps=5)
     torch.manual_seed(0)
     model = build_clip(model_cfg).to(device)
-    opt = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, eps=s.eps)
+    groups = param_groups(model, s.weight_decay, family_of("clip").no_decay)
+    opt = torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps)
     total = len(batches)
     sched = torch.optim.lr_scheduler.LambdaLR(  # the same warmup + cosine as compt's DeepSpeed config
         opt, lambda i: min(1.0, (i + 1) / 5) * 0.5 * (1 + math.cos(math.pi * i / total)))
@@ -177,8 +179,8 @@ def main() -> int:
     import deepspeed
     import open_clip
 
+    from compt.clip.flops import count_sample_flops
     from compt.clip.model import build_clip
-    from compt.flops import count_sample_flops
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29560")

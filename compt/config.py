@@ -13,24 +13,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from compt.clip.grow import growth_problem
-from compt.clip.model import model_config_problem, resolve_model_config, size_problem
 from compt.data import DataConfig
+from compt.families import DEFAULT_FAMILY, FAMILIES, REGISTRY, family_of
+from compt.growth import MODES
 from compt.text.config import TextDataConfig
 
 PRESETS = {"demo": "demo.yaml", "llama-demo": "llama-demo.yaml"}
-# Default alignment (CLIP) / KL-distillation (LLaMA) weight. CLIP: METHOD.md's 500, except after exact growth,
-# whose student starts as good as its teacher: on digit-numbers (benchmarks/results/acceleration-full-exact-alpha5)
-# exact chains trained better at 5 than at 500 on each of 3 seeds, for both later models (l top-1 75.3% vs 65.4%).
-# LLaMA: off. On pydoc, KL distillation from the smaller predecessor cost perplexity at weight 1 and still at 0.1,
-# for both growths, both later models and each of 3 seeds (benchmarks/results/acceleration-llama-main-param-only,
-# -alpha0.1); a stage with alpha 0 loads no teacher. Set transfer.alpha > 0 to distil.
-ALPHA_DEFAULT = {"clip": 500.0, "llama": 0.0}
-ALPHA_DEFAULT_EXACT = {"clip": 5.0, "llama": 0.0}
 
 
 def alpha_default(family: str, init: str) -> float:
-    return (ALPHA_DEFAULT_EXACT if init == "exact" else ALPHA_DEFAULT)[family]
+    """The transfer weight a stage gets when its config gives none (each family's choice, with its reasons)."""
+    return family_of(family).alpha_default(init)
 
 
 class ChainConfigError(ValueError):
@@ -76,10 +69,10 @@ class Transfer(_Strict):
     none (from scratch). noise/seed: symmetry breaking for exact growth (function kept).
     align/alpha: CLIP aligns embeddings to the teacher's (alpha default 500, 5 after exact
     growth); LLaMA distils the teacher's next-token distributions, KL at ``temperature``
-    (alpha default 0: off, see ALPHA_DEFAULT).
+    (alpha default 0: off). Defaults: each family's ``alpha_default``.
     """
 
-    init: Literal["exact", "official", "none"] = "official"
+    init: Literal[MODES] = "official"
     noise: float = Field(0.0, ge=0.0)
     seed: int | None = Field(None, description="growth noise seed (default: the chain seed + stage index)")
     align: bool = True
@@ -132,7 +125,8 @@ class EvalConfig(_Strict):
 
 class ChainConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    family: Literal["clip", "llama"] = Field("clip", description="clip: open_clip CLIP models on image-text data; "
+    family: Literal[FAMILIES] = Field(DEFAULT_FAMILY, description="the model family (compt.families.REGISTRY), e.g. "
+                                                                 "clip: open_clip CLIP models on image-text data; "
                                                                  "llama: transformers LlamaForCausalLM on text")
     seed: int = 0
     data: DataConfig | TextDataConfig = Field(default_factory=DataConfig)
@@ -146,23 +140,18 @@ class ChainConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _data_of_family(cls, raw: Any) -> Any:
-        """``data`` is image-text data for CLIP and text for LLaMA: parse it as the family's kind."""
-        if isinstance(raw, dict) and isinstance(raw.get("data", {}), dict):
-            kind = TextDataConfig if raw.get("family") == "llama" else DataConfig
+        """``data`` is what the family trains on (image-text for CLIP, text for LLaMA): parse it as the family's kind."""
+        if isinstance(raw, dict) and isinstance(raw.get("data", {}), dict) and raw.get("family", DEFAULT_FAMILY) in REGISTRY:
+            kind = family_of(raw.get("family", DEFAULT_FAMILY)).data_config
             raw = {**raw, "data": kind.model_validate(raw.get("data", {}))}
         return raw
 
     def model_cfg(self, k: int) -> dict:
-        """Stage k's resolved model config (for exact LLaMA growth: with the eps exactness needs)."""
-        if self.family == "llama":
-            from compt.llama.grow import exact_config
-            from compt.llama.model import resolve_llama_config
-
-            cfg = resolve_llama_config(self.stages[k].model)
-            if k > 0 and self.transfer(k).init == "exact":
-                cfg = exact_config(self.model_cfg(k - 1), cfg)
-            return cfg
-        return resolve_model_config(self.stages[k].model)
+        """Stage k's resolved model config, with whatever its growth needs (e.g. LLaMA's exact-growth eps)."""
+        if k == 0:
+            return family_of(self.family).stage_model_cfg(self.stages[0].model, None, None)
+        return family_of(self.family).stage_model_cfg(self.stages[k].model, self.model_cfg(k - 1),
+                                                      self.transfer(k).init)
 
     def transfer(self, k: int) -> Transfer | None:
         """Stage k's transfer settings (None for the first stage), family defaults filled in."""
@@ -192,7 +181,7 @@ def _triton_runs() -> bool:
 
 
 def chain_problems(cfg: ChainConfig) -> list[str]:
-    """Problems a well-typed config can still have: models, sizes, transfer, data."""
+    """Problems a well-typed config can still have: data, kernels, names; the family's: models, sizes, growth."""
     problems = list(cfg.data.problems())
     if cfg.kernels == "triton" and not _triton_runs():
         problems.append("kernels: 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret the kernels on CPU, "
@@ -200,68 +189,14 @@ def chain_problems(cfg: ChainConfig) -> list[str]:
     names = [s.name for s in cfg.stages]
     for n in {n for n in names if names.count(n) > 1}:
         problems.append(f"stages: name '{n}' is used twice; give every stage a unique name")
-    if cfg.family == "llama":
-        return problems + _llama_problems(cfg)
-    resolved: list[dict | None] = []
-    for k, stage in enumerate(cfg.stages):
-        p = model_config_problem(stage.model)
-        if p:
-            problems.append(f"stages.{k}.model: {p}")
-            resolved.append(None)
-            continue
-        resolved.append(resolve_model_config(stage.model))
-        if k == 0 and stage.transfer is not None:
-            problems.append("stages.0.transfer: the first stage has no predecessor; remove 'transfer'")
-        if k > 0 and resolved[k - 1] is not None:
-            p = size_problem(resolved[k - 1], resolved[k])
-            if p:
-                problems.append(f"stages.{k}.model: {p}")
-            mode = cfg.transfer(k).init
-            if not p and mode != "none":
-                p = growth_problem(resolved[k - 1], resolved[k], mode)
-                if p:
-                    problems.append(f"stages.{k}.transfer.init: {mode} growth is impossible here: {p}; "
-                                    "use another mode or change the model")
-        bs = stage.settings(cfg.defaults).batch_size
-        if bs < 2:
-            problems.append(f"stages.{k}.batch_size: contrastive training needs a batch of at least 2")
-    return problems
-
-
-def _llama_problems(cfg: ChainConfig) -> list[str]:
-    from compt.llama.grow import exact_config
-    from compt.llama.grow import growth_problem as llama_growth_problem
-    from compt.llama.model import llama_config_problem, resolve_llama_config
-
-    problems: list[str] = []
-    if not isinstance(cfg.data, TextDataConfig):
-        return ["data: a llama chain trains on text; give data.kind pydoc, text, jsonl or hf"]
-    effective: list[dict | None] = []  # what each stage builds (exact growth rescales the norm eps)
-    for k, stage in enumerate(cfg.stages):
-        p = llama_config_problem(stage.model)
-        if p:
-            problems.append(f"stages.{k}.model: {p}")
-            effective.append(None)
-            continue
-        if k == 0 and stage.transfer is not None:
-            problems.append("stages.0.transfer: the first stage has no predecessor; remove 'transfer'")
-        m = resolve_llama_config(stage.model)
-        mode = cfg.transfer(k).init if k > 0 else "none"
-        if mode != "none" and effective[k - 1] is not None:
-            p = llama_growth_problem(effective[k - 1], m, mode)
-            if p:
-                problems.append(f"stages.{k}.transfer.init: {mode} growth is impossible here: {p}; "
-                                "use another mode or change the model")
-            elif mode == "exact":
-                m = exact_config(effective[k - 1], m)
-        if m["vocab_size"] < cfg.data.vocab_size:
-            problems.append(f"stages.{k}.model.vocab_size: {m['vocab_size']} is below data.vocab_size "
-                            f"{cfg.data.vocab_size} (the tokenizer's size); raise it to at least {cfg.data.vocab_size}")
-        if m["max_position_embeddings"] < cfg.data.seq_len:
-            problems.append(f"stages.{k}.model.max_position_embeddings: {m['max_position_embeddings']} is below "
-                            f"data.seq_len {cfg.data.seq_len}; raise it or lower data.seq_len")
-        effective.append(m)
-    return problems
+    if cfg.stages[0].transfer is not None:
+        problems.append("stages.0.transfer: the first stage has no predecessor; remove 'transfer'")
+    family = family_of(cfg.family)
+    for k in range(1, len(cfg.stages)):
+        if cfg.transfer(k).init not in family.growth_modes:
+            problems.append(f"stages.{k}.transfer.init: {cfg.family} models cannot grow by '{cfg.transfer(k).init}'; "
+                            f"use one of {list(family.growth_modes)}")
+    return problems + family.chain_problems(cfg)
 
 
 def ds_config_problems(path: str | Path) -> list[str]:

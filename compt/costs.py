@@ -5,11 +5,9 @@ Follows METHOD.md, "Cost accounting": a stage costs samples x (student forward+b
 """
 from __future__ import annotations
 
-import math
-
 from dataclasses import asdict, dataclass
 
-from compt.flops import SampleFlops, analytic_sample_flops, count_sample_flops
+from compt.families import family_of
 from compt.recipes import Recipe
 
 ANALYTIC_TOLERANCE = 0.05  # counted and closed-form FLOPs must agree this closely
@@ -60,7 +58,8 @@ class ChainCost:
 
 def chain_cost(recipe: Recipe) -> ChainCost:
     """Every model's baseline and chain cost, counted on the meta device and cross-checked analytically."""
-    count, analytic, count_params = _counters(recipe)
+    counters = family_of(recipe.family).cost_counters(recipe)
+    count, analytic, count_params = counters.count, counters.analytic, counters.params
     models, diffs = [], []
     analytic_ok = True
     for k, m in enumerate(recipe.models):
@@ -105,32 +104,6 @@ def chain_cost(recipe: Recipe) -> ChainCost:
         analytic_acceleration=analytic_ratio,
         analytic_max_rel_diff=max(diffs) if analytic_ok and diffs else None,
     )
-
-
-def _counters(recipe: Recipe):
-    """(counted per sample, analytic per sample or None, parameter count) for the recipe's family."""
-    if recipe.family == "llama":
-        from compt.llama.flops import analytic_sequence_flops, count_sequence_flops
-        from compt.llama.model import llama_state_shapes
-
-        def params(cfg: dict) -> int:
-            return sum(math.prod(shape) for shape in llama_state_shapes(cfg).values())
-
-        return (lambda cfg: count_sequence_flops(cfg, recipe.seq_len),
-                lambda cfg: analytic_sequence_flops(cfg, recipe.seq_len), params)
-    from compt.clip.model import count_params
-
-    return (lambda cfg: count_sample_flops(cfg, recipe.captions_per_image),
-            lambda cfg: _analytic(cfg, recipe.captions_per_image), count_params)
-
-
-def _analytic(cfg: dict | None, captions: int) -> SampleFlops | None:
-    if cfg is None:
-        return None
-    try:
-        return analytic_sample_flops(cfg, captions)
-    except ValueError:  # a tower the closed form does not model (timm, HF text, ResNet)
-        return None
 
 
 def _rel(counted: float, analytic: float) -> float:

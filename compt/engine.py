@@ -1,12 +1,13 @@
 """One DeepSpeed engine per stage: the user's ds_config plus the stage's optimiser,
-warmup+cosine schedule, batch sizes and CLIP-style weight-decay groups.
+warmup+cosine schedule, batch sizes and weight-decay groups (the family says which
+parameters are not decayed).
 """
 from __future__ import annotations
 
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,18 +56,9 @@ def stage_ds_config(base: dict[str, Any], settings: TrainSettings, total_steps: 
     return cfg
 
 
-def _ds_ndim(p: torch.nn.Parameter) -> int:
-    # Under ZeRO-3 a partitioned parameter's .shape is a flat stub; ds_shape is the real one.
-    return len(getattr(p, "ds_shape", p.shape))
-
-
-def no_decay(name: str, p: torch.nn.Parameter) -> bool:
-    """CLIP convention: no weight decay on norms, biases, embeddings and the logit scale."""
-    return (_ds_ndim(p) < 2 or "ln_" in name or name.endswith(".bias") or "embedding" in name
-            or "logit_scale" in name)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 no_decay: Callable[[str, torch.nn.Parameter], bool]) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed, and what the family's ``no_decay(name, param)`` exempts."""
     decay, plain = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -74,10 +66,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float):
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float,
+                 no_decay: Callable[[str, torch.nn.Parameter], bool]):
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config
+        model=model, model_parameters=param_groups(model, weight_decay, no_decay), config=ds_config
     )
     return engine

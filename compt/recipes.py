@@ -9,14 +9,16 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from compt.families import DEFAULT_FAMILY, family_of
+
 
 
 @dataclass(frozen=True)
 class RecipeModel:
-    """One model of the family: its open_clip config and what it costs to train where."""
+    """One model of the family: its model config and what it costs to train where."""
 
     name: str
-    config: dict[str, Any]  # an open_clip model config dict
+    config: dict[str, Any]  # the model config its family builds (open_clip dict, LlamaConfig fields)
     chain_samples: int  # samples seen as a chain stage
     baseline_samples: int  # samples seen when trained from scratch on its own
     teacher: bool  # whether its chain stage runs the frozen predecessor forward on every sample
@@ -31,8 +33,8 @@ class Recipe:
     samples_per_epoch: int | None = None
     captions_per_image: int = 1  # each sample's text tower runs this many times
     source: str = ""
-    family: str = "clip"  # llama: a sample is one training sequence of seq_len tokens
-    seq_len: int | None = None
+    family: str = DEFAULT_FAMILY  # its cost counters; LLaMA: a sample is one training sequence of seq_len tokens
+    seq_len: int | None = None  # language models: tokens per sample
     notes: list[str] = field(default_factory=list)
 
 
@@ -131,23 +133,13 @@ def recipe_from_chain(chain: str, baseline_epochs: float | None = None, captions
             chain_epochs=chain_samples[k] / size if size else None, baseline_epochs=base / size if size else None,
         ))
     how = f"{baseline_epochs} epochs" if baseline_epochs is not None else "the first stage's budget"
-    llama = cfg.family == "llama"
     return Recipe(cfg.name, tuple(models), samples_per_epoch=size, captions_per_image=captions_per_image,
                   source=chain, notes=[f"chain config {chain}; baseline: every model from scratch for {how}"],
-                  family=cfg.family, seq_len=cfg.data.seq_len if llama else None)
+                  family=cfg.family, seq_len=getattr(cfg.data, "seq_len", None))
 
 
 def _train_size(cfg) -> int:
-    if cfg.family == "llama":
-        import tempfile
-
-        from compt.text import build_text_datasets
-
-        with tempfile.TemporaryDirectory() as tmp:  # the tokenizer is trained, counted, and dropped
-            return len(build_text_datasets(cfg.data, tmp).train)
-    from compt.data import build_dataset
-
-    return len(build_dataset(cfg.data, "train"))
+    return family_of(cfg.family).train_size(cfg.data)
 
 
 def load_recipe(name_or_path: str, baseline_epochs: float | None = None) -> Recipe:

@@ -1,60 +1,18 @@
-"""Human-facing outputs of a run: the final results table (terminal + markdown),
-the per-stage loss curve as CSV and PNG.
+"""Human-facing outputs of a run: the final results table (terminal + markdown; its columns
+and rows come from the family), the per-stage loss curve as CSV and PNG.
 """
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Sequence
-
-from compt.flops import format_flops
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-HEADERS = {
-    "clip": ["stage", "model", "params", "budget", "init top-1", "top-1", "top-5", "I->T R@1", "T->I R@1", "FLOPs",
-             "wall"],
-    "llama": ["stage", "model", "params", "budget", "teacher ppl", "init ppl", "val ppl", "val loss", "FLOPs", "wall"],
-}
-
-
-def _num(x: float | None, fmt: str = ".2f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def result_rows(stages: Sequence[tuple[Any, dict]], family: str = "clip") -> list[list[str]]:
-    """One row per (StageConfig, metrics dict), under HEADERS[family]."""
-    rows = []
-    for stage, m in stages:
-        if family == "llama":
-            model = stage.model if isinstance(stage.model, str) else "inline"
-            budget = ", ".join(f"{k}={v}" for k, v in stage.budget.model_dump().items() if v is not None)
-            rows.append([f"{m['stage']}-{m['name']}", model, f"{m['params'] / 1e6:.2f}M",
-                         f"{budget} ({m['steps']} steps)", _num(m.get("teacher_val_ppl")),
-                         _num(m.get("init_val_ppl")), _num(m.get("val_ppl")), _num(m.get("val_loss"), ".4f"),
-                         format_flops(m["flops"]["total"]), f"{m['wall_seconds']:.0f}s"])
-            continue
-        r = m.get("retrieval") or {}
-        model = stage.model if isinstance(stage.model, str) else "inline"
-        budget = ", ".join(f"{k}={v}" for k, v in stage.budget.model_dump().items() if v is not None)
-        rows.append([
-            f"{m['stage']}-{m['name']}", model, f"{m['params'] / 1e6:.2f}M", f"{budget} ({m['steps']} steps)",
-            _pct(m.get("init_zeroshot_top1")), _pct(m.get("zeroshot_top1")), _pct(m.get("zeroshot_top5")),
-            _pct((r.get("image_to_text") or {}).get("R@1")), _pct((r.get("text_to_image") or {}).get("R@1")),
-            format_flops(m["flops"]["total"]), f"{m['wall_seconds']:.0f}s",
-        ])
-    return rows
-
-
-def print_table(title: str, rows: list[list[str]], family: str = "clip") -> None:
+def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    for c in HEADERS[family]:
+    for c in headers:
         table.add_column(c, justify="left" if c in ("stage", "model", "budget") else "right")
     for row in rows:
         table.add_row(*row)
@@ -64,8 +22,8 @@ def print_table(title: str, rows: list[list[str]], family: str = "clip") -> None
     console.print(table)
 
 
-def markdown_table(rows: list[list[str]], family: str = "clip") -> str:
-    lines = ["| " + " | ".join(HEADERS[family]) + " |", "|" + "---|" * len(HEADERS[family])]
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,8 @@
 """Train one chain stage: build the student under ZeRO-3, grow it from the predecessor,
-train it (contrastive + alignment to the frozen teacher), evaluate, save.
+train it (the family's own loss + transfer toward the frozen teacher), evaluate, save.
 
-Every rank runs this function; only rank 0 writes files.
+Family-agnostic: everything model-specific is asked of the stage's family
+(compt.families.Family). Every rank runs this; only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from compt.checkpoint import StageCheckpointer, StageInterrupted, StopRequest, any_rank
 from compt.config import ChainConfig
 from compt.engine import build_engine, stage_ds_config, zero_stage
-from compt.families import family_of
+from compt.families import DEFAULT_FAMILY, Family, family_of
 from compt.faults import (Counters, StageFailed, bad_data_message, gather_examples, nonfinite_message,
                           sum_across_ranks, too_much_bad_data)
 from compt.kernels import expand_flat_slice
@@ -51,8 +52,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def init_student(model_cfg: dict, teacher_cfg: dict | None, seed: int, zero3_config: dict | None,
-                 init_needed: bool = True, family=None):
+def init_student(family: Family, model_cfg: dict, teacher_cfg: dict | None, seed: int, zero3_config: dict | None,
+                 init_needed: bool = True):
     """The student with its library's own initialisation, partitioned by ZeRO-3 when asked.
 
     Built in full and then handed to ``zero.Init(module=...)``: open_clip (and
@@ -67,7 +68,6 @@ def init_student(model_cfg: dict, teacher_cfg: dict | None, seed: int, zero3_con
     """
     import deepspeed
 
-    family = family or family_of("clip")
     torch.manual_seed(seed)
     if zero3_config is not None and not init_needed and family.partitioned_build_ok:
         with deepspeed.zero.Init(config_dict_or_path=zero3_config):
@@ -78,8 +78,8 @@ def init_student(model_cfg: dict, teacher_cfg: dict | None, seed: int, zero3_con
     return model
 
 
-def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transfer, seed: int, zero3: bool,
-              backend: str = "auto", family=None) -> int:
+def grow_into(family: Family, model: torch.nn.Module, prev: StageResult, model_cfg: dict, transfer, seed: int,
+              zero3: bool, backend: str = "auto") -> int:
     """Initialise the student from the predecessor's safetensors (read lazily, tensor by tensor).
 
     Under ZeRO-3 every rank computes only its own partition of each grown parameter,
@@ -89,7 +89,6 @@ def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transf
     picks the fused Triton expansion kernel (auto: on a GPU) or the PyTorch reference.
     Returns the number of student tensors that received teacher weights.
     """
-    family = family or family_of("clip")
     changed = 0
     with open_lazy(prev.weights) as small:
         for name, p in model.named_parameters():
@@ -115,7 +114,7 @@ def grow_into(model: torch.nn.Module, prev: StageResult, model_cfg: dict, transf
     return changed
 
 
-def _train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, curve: list, settings,
+def train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, curve: list, settings,
                 checkpointer: StageCheckpointer, client: dict, counters: Counters, max_bad_fraction: float,
                 label: str, rank: int, names: tuple[str, str]) -> None:
     """Steps ``start``..``steps``; appends to ``curve``; checkpoints and honours SIGTERM/SIGINT.
@@ -149,8 +148,8 @@ def _train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, c
                 continue
             step = start + (micro + 1) // gas
             total, con, ali, bad = sum_across_ranks(
-                [parts.total.item(), parts.contrastive.item(),
-                 parts.alignment.item() if parts.alignment is not None else 0.0, step_bad])
+                [parts.total.item(), parts.task.item(),
+                 parts.transfer.item() if parts.transfer is not None else 0.0, step_bad])
             counters.samples += settings.batch_size
             counters.bad_samples += int(bad)
             world = _rank_world()[1]
@@ -209,13 +208,13 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     use_teacher = prev is not None and transfer.align and transfer.alpha > 0
     teacher = family.load_teacher(prev.model_cfg, prev.weights) if use_teacher else None
     overwritten = resuming or (prev is not None and transfer.init == "exact")
-    model = init_student(model_cfg, prev.model_cfg if use_teacher else None, cfg.seed + k,
-                         ds_cfg if zero3 else None, init_needed=not overwritten, family=family)
+    model = init_student(family, model_cfg, prev.model_cfg if use_teacher else None, cfg.seed + k,
+                         ds_cfg if zero3 else None, init_needed=not overwritten)
     grown = 0
     if prev is not None and transfer.init != "none" and not resuming:
         seed = transfer.seed if transfer.seed is not None else cfg.seed + k
-        grown = grow_into(model, prev, model_cfg, transfer, seed, zero3, cfg.kernels, family)
-    engine = build_engine(model, ds_cfg, settings.weight_decay)
+        grown = grow_into(family, model, prev, model_cfg, transfer, seed, zero3, cfg.kernels)
+    engine = build_engine(model, ds_cfg, settings.weight_decay, family.no_decay)
     checkpointer = StageCheckpointer(engine, ckpt_dir, settings.checkpoint_every_steps, settings.checkpoint_minutes,
                                      settings.keep_checkpoints, rank)
 
@@ -239,7 +238,7 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
                                  start_step=client["step"])
     curve = list(client["curve"])
     counters = Counters.from_state(client.get("counters"))
-    _train_loop(engine, loader, family.loss(transfer.alpha if use_teacher else None, transfer, rank, world,
+    train_loop(engine, loader, family.loss(transfer.alpha if use_teacher else None, transfer, rank, world,
                                             cfg.kernels), teacher,
                 steps=steps, start=client["step"], curve=curve, settings=settings, checkpointer=checkpointer,
                 client={"metrics": client["metrics"]}, counters=counters,
@@ -304,9 +303,9 @@ def finished_stage(run: RunDir, cfg: ChainConfig, k: int) -> StageResult | None:
     return StageResult(k, entry["name"], cfg.model_cfg(k), out_dir, weights, entry["sha256"], metrics)
 
 
-def summary(metrics: dict[str, Any], family=None) -> dict[str, Any]:
+def summary(metrics: dict[str, Any], family: Family | None = None) -> dict[str, Any]:
     """The manifest's per-stage summary: the family's quality figures plus cost."""
-    family = family or family_of(metrics.get("family", "clip"))
+    family = family or family_of(metrics.get("family", DEFAULT_FAMILY))  # metrics of old runs name no family
     return {
         **family.summary(metrics),
         "flops_total": metrics["flops"]["total"],

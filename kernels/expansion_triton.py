@@ -41,19 +41,19 @@ from typing import Mapping
 
 import torch
 
-from compt.clip.growth_plan import (
-    _COS_COEF,
-    _LN2,
-    _LOG_COEF,
-    _SQRT_HALF,
+from compt.growth import (
+    COS_COEF,
+    LN2,
+    LOG_COEF,
+    SQRT_HALF,
     FREE,
     INIT,
     RANDOM,
     SRC,
     TensorPlan,
-    _mix32_int,
-    _stream_key,
-    _strides,
+    mix32_int,
+    stream_key,
+    row_major_strides,
 )
 
 try:
@@ -73,7 +73,7 @@ _add = tl.standard._sum_combine if tl is not None else None
 # Where the kernel finds its float64 constants (consts tensor) and hash keys (keys tensor:
 # per stream k0, k1, k2, k3 and mix32(k1)); constexprs of the kernel's namespace.
 _LAYOUT = dict(C_LN2=0, C_SQRT_HALF=1, C_TWO_PI=2, C_STD_FREE=3, C_STD_RANDOM=4, C_STD_PAIR=5, C_LOG=6,
-               N_LOG=len(_LOG_COEF), C_COS=6 + len(_LOG_COEF), N_COS=len(_COS_COEF), K_FREE=0, K_RANDOM=5,
+               N_LOG=len(LOG_COEF), C_COS=6 + len(LOG_COEF), N_COS=len(COS_COEF), K_FREE=0, K_RANDOM=5,
                K_PAIR=10, ST_SRC=SRC, ST_FREE=FREE, ST_RANDOM=RANDOM, ST_INIT=INIT)
 _STREAMS = ("free", "random", "pair")  # in K_* order
 # output kinds written by the kernel; anything else is written as float64 and cast by torch
@@ -87,7 +87,7 @@ _BIG_INDEX = 2**32  # slices ending past it hash the high word of each index
 # decorates, and the helpers must be decorated in the same mode as the kernel calling them.
 # ---------------------------------------------------------------------------
 def _mix32(x):
-    # growth_plan._mix32 ("triple32") on uint32: wrapping multiplies are (x * c) mod 2**32.
+    # compt.growth._mix32 ("triple32") on uint32: wrapping multiplies are (x * c) mod 2**32.
     x = x ^ (x >> 17)
     x = x * 0xED5AD4BB
     x = x ^ (x >> 11)
@@ -98,7 +98,7 @@ def _mix32(x):
 
 
 def _counter_normal(idx, k0, k1, k2, k3, hi_mix, consts_ptr, BIG: tl.constexpr):
-    # growth_plan.counter_normal for int64 idx >= 0; keys are uint32 (scalars or per element).
+    # compt.growth.counter_normal for int64 idx >= 0; keys are uint32 (scalars or per element).
     if BIG:  # some index >= 2**32: the high word enters through mix32(hi ^ k1)
         hi_mix = _mix32((idx >> 32).to(tl.uint32) ^ k1)
     h = _mix32(idx.to(tl.uint32) ^ k0 ^ hi_mix)
@@ -309,7 +309,7 @@ _TABLES: "weakref.WeakKeyDictionary[TensorPlan, dict]" = weakref.WeakKeyDictiona
 
 def _ext_strides(plan: TensorPlan) -> list[int]:
     # TensorPlan._prepare appends one mean slot along every axis that uses it.
-    return _strides(tuple(n + int(a.uses_mean) for n, a in zip(plan.source_shape, plan.axes)))
+    return row_major_strides(tuple(n + int(a.uses_mean) for n, a in zip(plan.source_shape, plan.axes)))
 
 
 def _axis_fields(plan: TensorPlan, d: int, ext_strides: list[int]) -> list[torch.Tensor]:
@@ -322,7 +322,7 @@ def _axis_fields(plan: TensorPlan, d: int, ext_strides: list[int]) -> list[torch
         i = torch.arange(axis.size, dtype=torch.int64)
         on = i < axis.copies * axis.period
         copy = i // axis.period
-        step = axis.period * _strides(plan.shape)[d]
+        step = axis.period * row_major_strides(plan.shape)[d]
         if axis.copies == 2:
             pcode = torch.where(on, torch.where(copy == 0, 1, 2), 0)
             poff = torch.where(on, -copy * step, 0)
@@ -411,13 +411,13 @@ class PreparedExpansion:
         self.do_random = std_random > 0 and RANDOM in t.statuses
         self.pair = t.pair if (plan.noise > 0 and prep is not None) else 0
         std_pair = plan.noise * rms / t.pair_std_div
-        consts = [_LN2, _SQRT_HALF, 2.0 * math.pi, std_free, std_random, std_pair, *_LOG_COEF, *_COS_COEF]
+        consts = [LN2, SQRT_HALF, 2.0 * math.pi, std_free, std_random, std_pair, *LOG_COEF, *COS_COEF]
         assert len(consts) == _LAYOUT["C_COS"] + _LAYOUT["N_COS"]  # in _LAYOUT's order
         self.consts = torch.tensor(consts, dtype=torch.float64, device=self.device)
         keys = []
         for purpose in _STREAMS:
-            k = _stream_key(plan.seed, plan.name, purpose)
-            keys += [*k, _mix32_int(k[1])]
+            k = stream_key(plan.seed, plan.name, purpose)
+            keys += [*k, mix32_int(k[1])]
         self.keys = torch.tensor(keys, dtype=torch.int64, device=self.device)
         self.has_src = prep is not None
 

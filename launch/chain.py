@@ -1,4 +1,4 @@
-"""Train a family of CLIP models as a chain, smallest first; every stage is a DeepSpeed engine.
+"""Train a family of models (CLIP, LLaMA) as a chain, smallest first; every stage is a DeepSpeed engine.
 
     deepspeed launch/chain.py --ds_config ds_configs/zero3.json [--chain demo|PATH.yaml] [--output DIR]
     deepspeed --num_gpus 2 launch/chain.py ...     (more ranks; --hostfile for more nodes)
@@ -17,10 +17,10 @@ from pathlib import Path
 
 from compt.checkpoint import CheckpointError, StageInterrupted
 from compt.config import ChainConfigError, load_chain
-from compt.data import build_dataset
 from compt.engine import read_ds_config
+from compt.families import family_of
 from compt.faults import StageFailed
-from compt.report import markdown_table, print_table, result_rows
+from compt.report import markdown_table, print_table
 from compt.rundir import RunDir, atomic_write_text
 from compt.stage import finished_stage, train_stage
 
@@ -53,20 +53,6 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_data(cfg, run: RunDir, rank: int):
-    import torch.distributed as dist
-
-    if cfg.family == "clip":
-        return build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
-    from compt.text import build_text_datasets
-
-    for turn in (0, 1):
-        if (rank == 0) == (turn == 0):
-            train, val, _ = build_text_datasets(cfg.data, run.root / "tokenizer")
-        dist.barrier()
-    return train, val
-
-
 def main() -> int:
     args = parse_args()
     # 1. Validate everything before any compute.
@@ -90,7 +76,8 @@ def main() -> int:
     dist.barrier()
 
     # 3. Data, shared by all stages (text: rank 0 trains the run's tokenizer, the others then load it).
-    train_ds, val_ds = build_data(cfg, run, rank)
+    family = family_of(cfg.family)
+    train_ds, val_ds = family.build_data(cfg.data, run.root, rank)
     if rank == 0:
         print(f"chain '{cfg.name}': {len(cfg.stages)} stages, {len(train_ds)} train / {len(val_ds)} val samples, "
               f"{world} rank(s), run dir {run.root}")
@@ -117,9 +104,9 @@ def main() -> int:
 
     # 5. The final table.
     if rank == 0:
-        rows = result_rows([(s, m) for s, m, _ in done], cfg.family)
-        print_table(f"chain '{cfg.name}' ({world} rank(s))", rows, cfg.family)
-        atomic_write_text(run.root / "results.md", markdown_table(rows, cfg.family))
+        rows = [family.result_row(s, m) for s, m, _ in done]
+        print_table(f"chain '{cfg.name}' ({world} rank(s))", family.result_headers, rows)
+        atomic_write_text(run.root / "results.md", markdown_table(family.result_headers, rows))
         print(f"results: {run.root / 'results.md'}, manifest: {run.manifest_path}")
     return 0
 

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from compt.checkpoint import CheckpointError, StageCheckpointer  # noqa: E402
 from compt.config import TrainSettings  # noqa: E402
 from compt.engine import build_engine, read_ds_config, stage_ds_config  # noqa: E402
+from compt.families import family_of  # noqa: E402
 from compt.stage import init_student  # noqa: E402
 from conftest import REPO, tiny_model  # noqa: E402
 
@@ -32,7 +33,8 @@ ds = stage_ds_config(read_ds_config(REPO / "ds_configs" / "zero3.json"), TrainSe
 
 
 def engine():
-    return build_engine(init_student(tiny_model(), None, 0, ds), ds, 0.1)
+    clip = family_of("clip")
+    return build_engine(init_student(clip, tiny_model(), None, 0, ds), ds, 0.1, clip.no_decay)
 
 
 def weights(e) -> list[torch.Tensor]:

@@ -158,7 +158,7 @@ def _metrics(family: str, value: float, k: int) -> dict:
 
 def _synthetic_runs(bench_mod, setup, exact: bool) -> list[dict]:
     cost = {"xs": 1.0, "s": 2.0, "m": 3.0, "l": 6.0}  # per-sample train cost; a forward is a third
-    fam = bench_mod.FAMILIES[setup.family]
+    fam = bench_mod.PRESETS[setup.family]
     better = fam.quality.higher_is_better
     quality = {"xs": 0.5, "s": 0.6, "m": 0.7, "l": 0.65} if better else {"xs": 200.0, "s": 150.0, "m": 120.0,
                                                                          "l": 110.0}
@@ -192,7 +192,7 @@ def _synthetic_runs(bench_mod, setup, exact: bool) -> list[dict]:
 @pytest.mark.parametrize("exact", [True, False])
 def test_full_mode_studies_render(tmp_path, exact, family):
     bench_mod = _load_benchmark()
-    setup = bench_mod.FAMILIES[family].full
+    setup = bench_mod.PRESETS[family].full
     runs = _synthetic_runs(bench_mod, setup, exact)
     summary = bench_mod.summarize(setup, runs, exact)
     methods = ["official"] + (["exact"] if exact else [])
@@ -231,8 +231,15 @@ def test_full_mode_studies_render(tmp_path, exact, family):
 
 
 def test_quality_says_which_way_is_better():
+    from compt.families import family_of
+
     bench_mod = _load_benchmark()
-    top1, ppl = bench_mod.FAMILIES["clip"].quality, bench_mod.FAMILIES["llama"].quality
+    for name, preset in bench_mod.PRESETS.items():  # what the figure is and which way is better: compt's
+        assert preset.family == name == preset.quick.family
+        own = family_of(name).quality
+        assert (preset.quality.key, preset.quality.label, preset.quality.higher_is_better) == \
+            (own.key, own.label, own.higher_is_better)
+    top1, ppl = bench_mod.PRESETS["clip"].quality, bench_mod.PRESETS["llama"].quality
     assert top1.matches(0.70, 0.70, 0.0) and not top1.matches(0.69, 0.70, 0.0) and top1.matches(0.69, 0.70, 0.02)
     assert ppl.matches(90.0, 100.0, 0.0) and not ppl.matches(100.1, 100.0, 0.0)
     assert ppl.matches(104.9, 100.0, 0.05) and not ppl.matches(105.1, 100.0, 0.05)  # tolerance relative to it

@@ -116,8 +116,8 @@ def test_zero3_student_starts_from_open_clips_own_init(runs):
     from compt.clip.model import build_clip, preprocess_for
     from compt.config import load_chain
     from compt.data import build_dataset
-    from compt.loader import train_loader
-    from compt.losses import ChainLoss
+    from compt.clip.loader import train_loader
+    from compt.clip.losses import ChainLoss
 
     cfg = load_chain(str(runs["chain"]))
     torch.manual_seed(cfg.seed + 0)

@@ -154,7 +154,7 @@ def test_llama_distillation_is_off_by_default(tmp_path):
 
 def test_a_changed_default_counts_as_a_config_change(tmp_path, chain_dict, monkeypatch):
     """A stage trained under compt's earlier default weight is not resumed under a new default unnoticed."""
-    import compt.config
+    import compt.clip.family
     from compt.engine import read_ds_config
     from compt.rundir import RunDir
 
@@ -167,6 +167,6 @@ def test_a_changed_default_counts_as_a_config_change(tmp_path, chain_dict, monke
     run.update_stage(1, status="done")
     run.update_stage(2, status="running")
     assert run.conflict(load_chain(str(path), DS), ds) is None
-    monkeypatch.setitem(compt.config.ALPHA_DEFAULT_EXACT, "clip", 50.0)
+    monkeypatch.setattr(compt.clip.family, "ALPHA_EXACT", 50.0)
     problem = run.conflict(load_chain(str(path), DS), ds)
     assert problem is not None and "2 'c' (running)" in problem and "1 'b'" not in problem

@@ -5,7 +5,7 @@ import pytest
 
 from compt.cli import main
 from compt.costs import chain_cost
-from compt.flops import count_sample_flops
+from compt.clip.flops import count_sample_flops
 from compt.recipes import PAPER_MODELS, load_recipe
 from conftest import write_chain
 

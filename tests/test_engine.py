@@ -1,4 +1,4 @@
-"""Per-stage DeepSpeed config and CLIP-style weight-decay groups."""
+"""Per-stage DeepSpeed config and weight-decay groups (each family says what is not decayed)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,8 @@ import pytest
 
 from compt.clip.model import build_clip
 from compt.config import TrainSettings
-from compt.engine import no_decay, param_groups, stage_ds_config
+from compt.clip.family import ClipFamily
+from compt.engine import param_groups, stage_ds_config
 from conftest import REPO, tiny_model
 
 
@@ -30,7 +31,8 @@ def test_stage_ds_config_fills_batch_optimizer_schedule():
 
 def test_no_decay_on_norms_biases_embeddings_logit_scale():
     model = build_clip(tiny_model())
-    groups = param_groups(model, 0.1)
+    no_decay = ClipFamily().no_decay
+    groups = param_groups(model, 0.1, no_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in groups[0]["params"]}
     plain = {names[id(p)] for p in groups[1]["params"]}

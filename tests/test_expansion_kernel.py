@@ -160,7 +160,7 @@ def test_output_dtypes_match_reference(case_id, name, dtype):
 def test_bf16_rounding_ties_and_nan_like_torch():
     # Values on float32 -> bf16 halfway points, ones that round differently from
     # float64 directly (torch rounds through float32), zeros, infinities and NaN.
-    from compt.clip.growth_plan import TensorPlan, tile_axis
+    from compt.growth import TensorPlan, tile_axis
 
     specials = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-40, -(1 + 2**-8 + 2**-30), 0.0, -0.0,
                              float("inf"), float("-inf"), float("nan"), 3.0e38, -1e-40, 65504.5, 1e-8],
@@ -287,7 +287,7 @@ else:
 
 # 2. TRITON_INTERPRET=1 set after triton was imported: the interpreter still runs it.
 os.environ["TRITON_INTERPRET"] = "1"
-from compt.clip.growth_plan import TensorPlan, tile_axis
+from compt.growth import TensorPlan, tile_axis
 w = torch.randn(6, 4)
 plan = TensorPlan("w", ("w",), (10, 9), (6, 4), (tile_axis(6, 10, rest="random"), tile_axis(4, 9, scale=0.5,
                   rest="free", paired=True)), noise=0.1, seed=3, random_gain=0.7)

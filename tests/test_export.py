@@ -344,3 +344,15 @@ def test_push_to_hub_uploads_the_export_and_never_prints_the_token(run_dir, tmp_
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     assert main(["export", str(stage), "--out", str(tmp_path / "none"), "--push-to-hub", "org/tiny-a"]) == 2
     assert "no Hugging Face token" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_format_choices_are_every_familys_formats(capsys):
+    # `compt export --format` lists its choices without importing the families; they must agree.
+    from compt.families import all_families
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    listed = capsys.readouterr().out.split("--format {")[1].split("}")[0].split(",")
+    formats = [f for family in all_families() for f in family.exporter().FORMATS]
+    assert sorted(listed) == sorted(set(formats))
+    assert all(family.exporter().DEFAULT_FORMAT in family.exporter().FORMATS for family in all_families())

@@ -2,7 +2,8 @@
 import open_clip
 import pytest
 
-from compt.flops import analytic_sample_flops, count_sample_flops, format_flops
+from compt.clip.flops import analytic_sample_flops, count_sample_flops
+from compt.flops import format_flops
 
 TINY = dict(embed_dim=64,
             vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),

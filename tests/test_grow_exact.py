@@ -1,5 +1,5 @@
 """Exact (function-preserving) growth and the flat-slice plans behind every mode
-(compt.clip.grow, compt.clip.growth_plan): the grown model computes the small model's
+(compt.clip.grow, compt.growth): the grown model computes the small model's
 embeddings, and any slicing of a plan reproduces the dense tensor bit for bit."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compt.clip import growth_plan
+from compt import growth
 from compt.clip.grow import grow_state_dict, grow_tensor, growth_problem, plan_tensor, source_name, state_shapes
-from compt.clip.growth_plan import counter_normal
+from compt.growth import counter_normal
 from compt.clip.model import build_clip, load_into
 
 HYPOTHESIS = settings(deadline=None, max_examples=30, derandomize=True,
@@ -194,7 +194,7 @@ def test_flat_slices_concatenate_to_dense_bit_for_bit(pair, mode, cuts_seed, wor
     torch.manual_seed(2)
     init = open_clip.CLIP(**big_cfg).state_dict()
     rng = random.Random(cuts_seed)
-    default_chunk = growth_plan._CHUNK
+    default_chunk = growth._CHUNK
     for name in state_shapes(big_cfg):
         plan = plan_tensor(name, small_cfg, big_cfg, mode, noise=0.05, seed=cuts_seed)
         if plan is None:
@@ -208,13 +208,13 @@ def test_flat_slices_concatenate_to_dense_bit_for_bit(pair, mode, cuts_seed, wor
         part = -(-n // world)
         zero3 = [(r * part, min((r + 1) * part, n)) for r in range(world) if r * part < n]
         try:
-            growth_plan._CHUNK = chunk
+            growth._CHUNK = chunk
             for bounds in (list(zip(cuts, cuts[1:])), zero3):
                 pieces = [plan.flat_slice(small, a, b, None if flat_init is None else flat_init[a:b])
                           for a, b in bounds]
                 assert torch.equal(torch.cat(pieces), dense), f"{mode} {name} {bounds}"
         finally:
-            growth_plan._CHUNK = default_chunk
+            growth._CHUNK = default_chunk
 
 
 def test_exact_plans_need_no_student_init_and_official_plans_do():

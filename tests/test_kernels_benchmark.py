@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py's own logic (argument handling, agreement checks, result dicts,
+"""benchmarks/kernel_bench.py's own logic (argument handling, agreement checks, result dicts,
 JSON and markdown) in a CPU dry run (``--device cpu``): the Triton kernels run in Triton's
 interpreter at tiny shapes, so the first run on a GPU does not end on a bug in the script.
 The numbers measured here mean nothing; what they are computed from and written as does.
@@ -21,14 +21,14 @@ import torch
 
 from conftest import REPO
 
-SCRIPT = REPO / "benchmarks" / "kernels.py"
+SCRIPT = REPO / "benchmarks" / "kernel_bench.py"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """benchmarks/kernels.py as a module (not under the name ``kernels``: see setup.py)."""
+    """benchmarks/kernel_bench.py as a module (not under the name ``kernels``: see setup.py)."""
     spec = importlib.util.spec_from_file_location("compt_kernels_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -192,7 +192,7 @@ def test_agreement_check_catches_a_wrong_kernel(cpu, monkeypatch):
 # ---------------------------------------------------------------------------
 
 def test_loss_share_dry_run(cpu, tmp_path):
-    from compt.flops import count_sample_flops
+    from compt.clip.flops import count_sample_flops
 
     cfg = clip_cfg(32, embed=32, ctx=8, vocab=60)
     model = write_cfg(tmp_path / "tiny-clip.json", cfg)
@@ -327,7 +327,7 @@ def test_gpu_loss_rows_with_an_oom(bench):
     targets = bench._targets([row])
     assert targets == {"min_speedup_vs_eager": None, "min_speedup_vs_compile": 3.0,
                        "fused_3x_eager_everywhere": False, "fused_not_slower_than_compile_everywhere": True}
-    result = {"device": "NVIDIA H100 80GB HBM3", "versions": VERSIONS, "command": "python benchmarks/kernels.py",
+    result = {"device": "NVIDIA H100 80GB HBM3", "versions": VERSIONS, "command": "python benchmarks/kernel_bench.py",
               "dtype": "bf16", "reps": 30, "warmup": 5, "date": "today", "rows": [row], "targets": targets}
     json.dumps(result)
     md = bench.to_markdown(result)

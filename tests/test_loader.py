@@ -5,7 +5,8 @@ import torch
 
 from compt.clip.model import preprocess_for
 from compt.data import DataConfig, build_dataset
-from compt.loader import GlobalBatchSampler, train_loader
+from compt.clip.loader import train_loader
+from compt.sampler import GlobalBatchSampler
 from conftest import tiny_model
 
 

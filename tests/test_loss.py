@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from compt.kernels import feature_alignment_loss_reference
-from compt.losses import ChainLoss
+from compt.clip.losses import ChainLoss
 
 
 def _emb(*shape, seed=0):
@@ -46,8 +46,8 @@ def test_chain_loss_is_clip_loss_plus_alignment():
     scale = torch.tensor([10.0])
     clip = open_clip.ClipLoss()(img, txt, scale.reshape(()))
     only = ChainLoss(alpha=None)((img, txt, scale))
-    assert torch.allclose(only.total, clip) and only.alignment is None
+    assert torch.allclose(only.total, clip) and only.transfer is None
     t_img, t_txt = _emb(6, 8, seed=2).float(), _emb(6, 8, seed=3).float()
     both = ChainLoss(alpha=500)((img, txt, scale), (t_img, t_txt, scale))
     align = feature_alignment_loss_reference(img, txt, t_img, t_txt, 500)
-    assert torch.allclose(both.total, clip + align) and torch.allclose(both.alignment, align)
+    assert torch.allclose(both.total, clip + align) and torch.allclose(both.transfer, align)

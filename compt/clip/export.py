@@ -7,125 +7,58 @@ folder next to ``--out`` and renamed into place at the end, so bad input writes 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from compt.weights import sha256_file
+from compt import export as core
+from compt.clip.card import family_card, stage_card
+from compt.export import ExportError, ExportResult, FinishedStage, check_out, finished_weights, read_json, write_staged
 
 FORMATS = ("open_clip", "transformers", "both")
+DEFAULT_FORMAT = "both"
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 # open_clip's SimpleTokenizer: start/end of text ids. The end token is the largest id,
 # which is what open_clip's argmax pooling relies on.
 BOS_ID, EOS_ID, CLIP_VOCAB = 49406, 49407, 49408
 
 
-class ExportError(ValueError):
-    """Bad input to an export (the command exits 2 and writes nothing)."""
-
-
 # ---------------------------------------------------------------------------
-# A finished stage of a run directory.
+# A finished stage of a CLIP run directory.
 # ---------------------------------------------------------------------------
-
-@dataclass
-class FinishedStage:
-    run: Path
-    index: int
-    name: str
-    dir: Path
-    weights: Path
-    sha256: str
-    model_cfg: dict[str, Any]
-    metrics: dict[str, Any]
-    manifest: dict[str, Any] = field(repr=False)
-
-    @property
-    def folder(self) -> str:
-        return self.dir.name
-
-    @property
-    def chain(self) -> str:
-        return self.manifest.get("chain") or self.manifest["config"]["name"]
-
-
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise ExportError(f"{what} {path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{what} {path} is not valid JSON ({e})") from e
-
-
-def _read_manifest(run: Path) -> dict[str, Any]:
-    manifest = _read_json(run / "manifest.json", "run manifest")
-    if not isinstance(manifest.get("stages"), list) or "config" not in manifest:
-        raise ExportError(f"{run / 'manifest.json'} is not a compt run manifest (no 'stages'/'config')")
-    return manifest
-
-
-def read_stage(stage_dir: str | Path, from_entry: Callable | None = None) -> FinishedStage:
-    """A stage the manifest marks done, with its weights checked against the recorded sha256.
-
-    ``from_entry(run, manifest, entry)`` reads one manifest entry (default: a CLIP stage)."""
-    stage_dir = Path(stage_dir)
-    if not stage_dir.is_dir():
-        raise ExportError(f"{stage_dir} is not a directory; pass RUN_DIR/stages/<k>-<name>")
-    run = stage_dir.resolve().parent.parent
-    manifest = _read_manifest(run)
-    entries = [e for e in manifest["stages"] if (run / e.get("dir", "")).resolve() == stage_dir.resolve()]
-    if not entries:
-        raise ExportError(f"{stage_dir} is not a stage listed in {run / 'manifest.json'}; "
-                          "pass RUN_DIR/stages/<k>-<name>")
-    return (from_entry or _stage_from_entry)(run, manifest, entries[0])
-
-
-def finished_weights(run: Path, entry: dict[str, Any]) -> tuple[str, Path]:
-    """(label, weights path) of a manifest entry marked done whose weights match their sha256."""
-    label = f"stage {Path(entry['dir']).name}"
-    if entry.get("status") != "done":
-        raise ExportError(f"{label} has status '{entry.get('status')}' in {run / 'manifest.json'}; only finished "
-                          "('done') stages can be exported: finish the chain first (rerun the launcher with the "
-                          "same --output)")
-    weights = run / (entry.get("weights") or f"{entry['dir']}/model.safetensors")
-    if not weights.is_file():
-        raise ExportError(f"{label}: weights file {weights} is missing")
-    if not entry.get("sha256") or sha256_file(weights) != entry["sha256"]:
-        raise ExportError(f"{label}: weights file {weights} does not match the sha256 in the manifest "
-                          "(corrupt or replaced); retrain the stage (rerun the launcher with the same --output)")
-    return label, weights
-
 
 def _stage_from_entry(run: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> FinishedStage:
     label, weights = finished_weights(run, entry)
     stage_dir = run / entry["dir"]
-    model_cfg = _read_json(stage_dir / "config.json", f"{label}: model config")
-    metrics = _read_json(stage_dir / "metrics.json", f"{label}: metrics")
+    model_cfg = read_json(stage_dir / "config.json", f"{label}: model config")
+    metrics = read_json(stage_dir / "metrics.json", f"{label}: metrics")
     return FinishedStage(run, int(entry["index"]), entry["name"], stage_dir, weights, entry["sha256"],
                          model_cfg, metrics, manifest)
 
 
-def read_run(run_dir: str | Path, from_entry: Callable | None = None) -> list[FinishedStage]:
+def read_stage(stage_dir: str | Path) -> FinishedStage:
+    """A stage the manifest marks done, with its weights checked against the recorded sha256."""
+    return core.read_stage(stage_dir, _stage_from_entry)
+
+
+def read_run(run_dir: str | Path) -> list[FinishedStage]:
     """Every stage of a run, all finished and intact, or one error naming each problem."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ExportError(f"{run} is not a directory; pass a run directory (the launcher's --output)")
-    manifest = _read_manifest(run)
-    stages, problems = [], []
-    for entry in manifest["stages"]:
-        try:
-            stages.append((from_entry or _stage_from_entry)(run, manifest, entry))
-        except ExportError as e:
-            problems.append(str(e))
-    if problems:
-        raise ExportError("cannot export the whole family:\n" + "\n".join(f"  - {p}" for p in problems))
-    return stages
+    return core.read_run(run_dir, _stage_from_entry)
+
+
+_CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def claims(path: Path, whole_run: bool) -> bool:
+    """Whether ``path`` (a stage, or a run with ``whole_run``) is a CLIP one: its run's manifest
+    names the family clip or none (CLIP is the default family), or its config.json is open_clip's."""
+    config = core.manifest_config(core.run_of(path, whole_run))
+    if config is not None and config.get("family") in (None, "clip"):
+        return True
+    stage_cfg = None if whole_run else core.stage_config(path)
+    return stage_cfg is not None and any(k in stage_cfg for k in _CLIP_KEYS)
 
 
 # ---------------------------------------------------------------------------
@@ -347,14 +280,6 @@ def write_transformers(stage: FinishedStage, out: Path) -> None:
 # One export: stages -> a folder (or a listing, for --dry-run).
 # ---------------------------------------------------------------------------
 
-@dataclass
-class ExportResult:
-    out: Path
-    files: list[tuple[str, int]]  # (path relative to out, bytes)
-    notes: list[str]  # e.g. why the transformers format was skipped
-    written: bool  # False for a dry run
-
-
 def _formats_for(stage: FinishedStage, fmt: str) -> tuple[list[str], str | None]:
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}')")
@@ -371,30 +296,6 @@ def _formats_for(stage: FinishedStage, fmt: str) -> tuple[list[str], str | None]
     return formats, problem
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"--out {out} already exists and is not an empty directory; pick a new --out "
-                          "(or remove the old export)")
-
-
-def _first_missing(path: Path) -> Path | None:
-    missing = None
-    for p in [path, *path.parents]:
-        if p.exists():
-            break
-        missing = p
-    return missing
-
-
-def _normal_permissions(root: Path) -> None:
-    # safetensors writes its files 0600; an export is meant to be shared.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    for p in root.rglob("*"):
-        if p.is_file():
-            p.chmod(0o666 & ~umask)
-
-
 def export(stages: list[FinishedStage], out: str | Path, fmt: str = "both", license: str = "other",
            family: bool = False, repo_id: str | None = None, dry_run: bool = False) -> ExportResult:
     """Write one folder per model (``family``: subfolders plus a family card) at ``out``.
@@ -402,10 +303,8 @@ def export(stages: list[FinishedStage], out: str | Path, fmt: str = "both", lice
     ``repo_id`` only shapes the loading instructions in the cards. With ``dry_run`` the
     export is built in a temporary folder, listed and deleted.
     """
-    from compt import model_card
-
     out = Path(out)
-    _check_out(out)
+    check_out(out)
     plans = [(s, *_formats_for(s, fmt)) for s in stages]  # every check before any write
     notes = [f"stage {s.folder}: transformers format skipped: {p}" for s, formats, p in plans
              if p and fmt == "both"]
@@ -418,69 +317,12 @@ def export(stages: list[FinishedStage], out: str | Path, fmt: str = "both", lice
                 write_open_clip(stage, folder)
             if "transformers" in formats:
                 write_transformers(stage, folder)
-            card = model_card.stage_card(stage, formats=formats, license=license, skipped=problem,
-                                         repo_id=repo_id, subfolder=stage.folder if family else None)
-            (folder / "README.md").write_text(card)
+            readme = stage_card(stage, formats=formats, license=license, skipped=problem,
+                                repo_id=repo_id, subfolder=stage.folder if family else None)
+            (folder / "README.md").write_text(readme)
         if family:
-            (tmp / "README.md").write_text(model_card.family_card(
+            (tmp / "README.md").write_text(family_card(
                 [(s, formats, p) for s, formats, p in plans], license=license, repo_id=repo_id))
         return notes
 
     return write_staged(out, dry_run, fill)
-
-
-def write_staged(out: Path, dry_run: bool, fill: Callable[[Path], list[str]]) -> ExportResult:
-    """Build an export with ``fill(tmp) -> notes`` in a temporary sibling of ``out``, then rename it
-    into place (a dry run lists and deletes it). On any failure nothing is left behind."""
-    created = _first_missing(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        notes = fill(tmp)
-        _normal_permissions(tmp)
-        files = sorted((str(p.relative_to(tmp)), p.stat().st_size) for p in tmp.rglob("*") if p.is_file())
-        if dry_run:
-            shutil.rmtree(tmp)
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
-            return ExportResult(out, files, notes, written=False)
-        _check_out(out)  # still free?
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    return ExportResult(out, files, notes, written=True)
-
-
-# ---------------------------------------------------------------------------
-# The Hub.
-# ---------------------------------------------------------------------------
-
-def hub_token_available() -> bool:
-    """Whether huggingface_hub finds a token (HF_TOKEN or the login cache); never returns it."""
-    from huggingface_hub import get_token
-
-    return bool(get_token())
-
-
-def push_folder(folder: Path, repo_id: str, private: bool = False, revision: str | None = None,
-                commit_message: str = "compt export") -> str:
-    """Upload ``folder`` to the model repo ``repo_id``; returns the commit URL.
-
-    The token is left to huggingface_hub (HF_TOKEN or the login cache) so compt never holds it.
-    """
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    repo_id = getattr(repo, "repo_id", None) or repo_id
-    if revision and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                             repo_type="model", commit_message=commit_message)
-    return str(getattr(info, "commit_url", None) or info)

@@ -1,8 +1,8 @@
 """Parameter-space growth for open_clip CLIP: how a student tensor is initialised
 from the previous (smaller) model of the chain.
 
-Every rule is a per-tensor :class:`~compt.clip.growth_plan.TensorPlan` (index map +
-scale + fill, see growth_plan.py): ``plan_tensor`` builds it from the two model configs,
+Every rule is a per-tensor :class:`~compt.growth.TensorPlan` (index map +
+scale + fill, see compt/growth.py): ``plan_tensor`` builds it from the two model configs,
 ``TensorPlan.dense`` computes the whole tensor and ``TensorPlan.flat_slice`` any flat
 slice of it (a ZeRO-3 rank's partition) with the same per-element code.
 ``source_name``, ``grow_tensor`` and ``grow_state_dict`` are thin wrappers over plans.
@@ -101,12 +101,11 @@ from typing import Callable, Mapping
 import open_clip
 import torch
 
-from compt.clip.growth_plan import Axis, TensorPlan, grow_with_plans, tile_axis
+from compt.growth import MODES, Axis, GrowthJob, GrowthRefused, TensorPlan, check_mode, grow_with_plans, tile_axis
 
-MODES = ("exact", "official", "none")
 
 __all__ = ["MODES", "TensorPlan", "plan_tensor", "state_shapes", "growth_problem", "source_name",
-           "grow_tensor", "grow_state_dict", "vision_block_source"]
+           "grow_tensor", "grow_state_dict", "vision_block_source", "is_model_config", "config_hint", "grow_job"]
 
 _VISION_BLOCK = re.compile(r"^(visual\.transformer\.resblocks\.)(\d+)(\..+)$")
 _TEXT_BLOCK = re.compile(r"^(transformer\.resblocks\.)(\d+)(\..+)$")
@@ -114,11 +113,6 @@ _SCALARS = ("logit_scale", "logit_bias")
 
 # open_clip's CLIPVisionCfg / CLIPTextCfg default depth.
 _DEFAULT_LAYERS = 12
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown growth mode {mode!r}; expected one of {MODES}")
 
 
 def _layers(cfg: dict, tower: str) -> int:
@@ -400,7 +394,7 @@ def plan_tensor(name: str, small_cfg: dict, big_cfg: dict, mode: str, noise: flo
     teacher counterpart). Raises ValueError when ``exact`` growth is impossible for these
     configs (head width or image/patch size change, shrinking, unsupported features) or
     when ``official`` would shrink a tensor."""
-    _check_mode(mode)
+    check_mode(mode)
     if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
     if mode == "none":
@@ -417,7 +411,7 @@ def plan_tensor(name: str, small_cfg: dict, big_cfg: dict, mode: str, noise: flo
 def growth_problem(small_cfg: dict, big_cfg: dict, mode: str) -> str | None:
     """Why ``big_cfg`` cannot be grown from ``small_cfg`` in ``mode``, or None. Plans every
     student tensor, so every per-tensor error (shrinking, rank changes) is found."""
-    _check_mode(mode)
+    check_mode(mode)
     try:
         big_shapes = _state_shapes(_cfg_key(big_cfg))
         _state_shapes(_cfg_key(small_cfg))
@@ -447,7 +441,7 @@ def source_name(name: str, small_cfg: dict, big_cfg: dict, mode: str) -> str | N
     (every student tensor of an exact plan reads one teacher tensor, even an added
     block's zeroed projections).
     """
-    _check_mode(mode)
+    check_mode(mode)
     if mode == "official":
         return _source_official(name, small_cfg, big_cfg)
     plan = plan_tensor(name, small_cfg, big_cfg, mode)
@@ -464,7 +458,7 @@ def grow_tensor(name: str, big_init: torch.Tensor, small: torch.Tensor, mode: st
     needs ``small_cfg`` and ``big_cfg``. Raises ValueError naming the tensor when
     ``small`` does not fit inside ``big_init``.
     """
-    _check_mode(mode)
+    check_mode(mode)
     if mode == "none":
         return big_init.detach().clone()
     if small_cfg is None or big_cfg is None:
@@ -494,6 +488,51 @@ def grow_state_dict(
     (and the values of tensors no rule covers, e.g. a student-only logit_bias); a
     teacher tensor missing from ``small_sd`` is an error there, while ``official``
     keeps the student's init."""
-    _check_mode(mode)
+    check_mode(mode)
     return grow_with_plans(small_sd, big_init_sd, lambda name: plan_tensor(name, small_cfg, big_cfg, mode, noise, seed),
                            mode)
+
+
+# ---- compt grow ---------------------------------------------------------------------------------
+_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def _missing_keys(raw: object) -> list[str]:
+    return [k for k in _CONFIG_KEYS if not isinstance(raw, dict) or k not in raw]
+
+
+def is_model_config(raw: object) -> bool:
+    """Whether ``raw`` (a parsed JSON file) is an open_clip model config: it holds embed_dim,
+    vision_cfg and text_cfg (whether open_clip can build it is ``growth_problem``'s question)."""
+    return not _missing_keys(raw)
+
+
+def config_hint(raw: object) -> str:
+    """What an open_clip model config needs that ``raw`` lacks, for an error about a config no
+    family recognises."""
+    return f"an open_clip model config needs {', '.join(_missing_keys(raw))}"
+
+
+def grow_job(small_raw: dict, big_raw: dict, *, mode: str, noise: float, seed: int, from_label: str,
+             to_label: str, out_config_given: bool) -> GrowthJob:
+    """What ``compt grow`` writes for open_clip model configs ``small_raw`` -> ``big_raw``: every
+    tensor of ``open_clip.CLIP(**big_raw)`` in state-dict order (stock 0-d logit_scale). The
+    labels name the two configs in messages. GrowthRefused when the growth is impossible, or for
+    ``--out-config`` (the grown model's config is ``big_raw`` itself)."""
+    if out_config_given:
+        raise GrowthRefused("--out-config is not for CLIP configs; a CLIP model's config is --to-config itself")
+    small_cfg, big_cfg = small_raw, big_raw
+    problem = growth_problem(small_cfg, big_cfg, mode)
+    if problem:
+        raise GrowthRefused(f"cannot grow {from_label} into {to_label} ({mode}): {problem}")
+
+    def make_init() -> dict:
+        with torch.random.fork_rng(devices=[]):  # the student's own init, where the rule keeps it
+            torch.manual_seed(seed)
+            return open_clip.CLIP(**big_cfg).state_dict()
+
+    shapes = state_shapes(big_cfg)
+    plans = {name: plan_tensor(name, small_cfg, big_cfg, mode, noise, seed) for name in shapes}
+    meta = {"compt.grow": json.dumps({"mode": mode, "noise": noise, "seed": seed,
+                                      "from_config": small_cfg, "to_config": big_cfg})}
+    return GrowthJob(shapes, state_shapes(small_cfg), plans, make_init, meta)

@@ -39,31 +39,15 @@ def run(args: argparse.Namespace) -> int:
     except (SafetensorError, ValueError) as e:
         print(f"error: cannot load {files['model.safetensors']}: {e}", file=sys.stderr)
         return 2
-    metrics = family.evaluate(model, _val_data(cfg, run_dir), model_cfg, cfg)
+    metrics = family.evaluate(model, family.val_data(cfg.data, run_dir), model_cfg, cfg)
     if args.json:
         print(json.dumps(metrics, indent=2))
-    elif cfg.family == "llama":
-        print(f"{stage_dir}: {metrics['val_tokens']} validation tokens")
-        print(f"  val_loss {metrics['val_loss']:.4f}  val_ppl {metrics['val_ppl']:.2f}")
     else:
-        r = metrics["retrieval"] or {}
-        print(f"{stage_dir}: {metrics['val_samples']} validation samples")
-        for key in ("zeroshot_top1", "zeroshot_top5"):
-            if metrics[key] is not None:
-                print(f"  {key:<16} {100 * metrics[key]:6.2f}%")
-        for direction, recalls in r.items():
-            print(f"  {direction:<16} " + "  ".join(f"{k} {100 * v:6.2f}%" for k, v in recalls.items()))
+        first, *rest = family.metrics_lines(metrics)
+        print(f"{stage_dir}: {first}")
+        for line in rest:
+            print(line)
     return 0
-
-
-def _val_data(cfg, run_dir: Path):
-    if cfg.family == "llama":
-        from compt.text import build_text_datasets
-
-        return build_text_datasets(cfg.data, run_dir / "tokenizer").val  # the run's cached tokenizer
-    from compt.data import build_dataset
-
-    return build_dataset(cfg.data, "val")
 
 
 def register(sub) -> None:

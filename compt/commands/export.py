@@ -9,7 +9,6 @@ optionally uploaded to the Hugging Face Hub.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,27 +27,21 @@ def _error(msg: str) -> int:
 
 
 def _exporter(path: Path, whole_run: bool):
-    """(module, default --format): compt.llama.export for a LLaMA run (manifest config family
-    'llama', or a stage whose config.json is a LlamaConfig), else compt.clip.export. Both
-    modules have the same read_stage/read_run/export API."""
-    import compt.clip.export
-    import compt.llama.export
-    from compt.llama.model import is_llama_config
+    """The export module of the family ``path`` (a stage, or a run with ``whole_run``) belongs to.
 
-    run = path if whole_run else path.resolve().parent.parent
-    if compt.llama.export.is_llama_run(run):
-        return compt.llama.export, "transformers"
-    try:
-        stage_cfg = json.loads((path / "config.json").read_text()) if not whole_run else None
-    except (OSError, ValueError):
-        stage_cfg = None
-    if isinstance(stage_cfg, dict) and is_llama_config(stage_cfg):
-        return compt.llama.export, "transformers"
-    return compt.clip.export, "both"
+    Every family's module has the same API (FORMATS, DEFAULT_FORMAT, claims, read_stage,
+    read_run, export; see compt/export.py). The default family also claims runs that name no
+    family, so another family's claim is the more specific one and comes first; what no family
+    claims goes to the default family's exporter, whose reader says what is wrong with it."""
+    from compt.families import DEFAULT_FAMILY, all_families, family_of
+
+    claimed = [f for f in all_families() if f.exporter().claims(path, whole_run)]
+    claimed.sort(key=lambda f: f.name == DEFAULT_FAMILY)  # stable: registry order otherwise
+    return (claimed[0] if claimed else family_of(DEFAULT_FAMILY)).exporter()
 
 
 def run(args: argparse.Namespace) -> int:
-    from compt.clip.export import ExportError, hub_token_available, push_folder
+    from compt.export import ExportError, hub_token_available, push_folder
 
     if (args.private or args.revision) and not args.push_to_hub:
         return _error("--private and --revision only apply with --push-to-hub ORG/NAME")
@@ -59,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"{path} is a run directory; pass RUN_DIR/stages/<k>-<name>, or add --all for every stage")
     if args.push_to_hub and not args.dry_run and not hub_token_available():
         return _error("no Hugging Face token found; set HF_TOKEN or run `hf auth login`, then retry")
-    exporter, default_format = _exporter(path, args.all)
-    fmt = args.format or default_format
+    exporter = _exporter(path, args.all)
+    fmt = args.format or exporter.DEFAULT_FORMAT
     try:
         stages = exporter.read_run(path) if args.all else [exporter.read_stage(path)]
         result = exporter.export(stages, args.out, fmt=fmt, license=args.license, family=args.all,
@@ -109,6 +102,8 @@ def register(sub) -> None:
     ex.add_argument("path", help="RUN_DIR/stages/<k>-<name>, or RUN_DIR with --all")
     ex.add_argument("--all", action="store_true", help="export every stage of RUN_DIR plus a family card")
     ex.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    # The union of the families' FORMATS, written out: reading them would import every family's
+    # model library each time any compt command builds its parser. The exporter checks its own.
     ex.add_argument("--format", choices=["open_clip", "transformers", "both"], default=None,
                     help="CLIP: open_clip, transformers or both (default); LLaMA: transformers only (default)")
     ex.add_argument("--license", default="other", help="license id for the model card header (default: other)")

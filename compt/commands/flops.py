@@ -42,8 +42,9 @@ def print_cost(recipe, cost) -> None:
     def epochs(x):
         return "-" if x is None else f"{x:.3g}"
 
-    unit = (f"a sample is one sequence of {recipe.seq_len} tokens" if recipe.family == "llama"
-            else f"{cost.captions_per_image} caption(s) per image")
+    from compt.families import family_of
+
+    unit = family_of(recipe.family).sample_unit(recipe, cost.captions_per_image)
     table = Table(title=f"{cost.recipe}: {unit}"
                         + (f", {cost.samples_per_epoch:,} samples per epoch" if cost.samples_per_epoch else ""))
     for col in ("model", "params", "train / sample", "teacher fwd / sample", "baseline epochs", "baseline",

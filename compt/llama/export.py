@@ -7,18 +7,18 @@ is written, and the export is built in a temporary folder renamed into place at 
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
+from compt import export as core
+from compt.card import (budget, chain_path, flatten, flops_summary, flops_text, format_value, metadata_header,
+                        predecessor)
+from compt.export import ExportError, ExportResult, FinishedStage, check_out, finished_weights, read_json, write_staged
 
-from compt.clip import export as clip_export
-from compt.clip.export import (ExportError, ExportResult, FinishedStage, _check_out, _read_json, finished_weights,
-                               write_staged)
-
+FAMILY = "llama"  # the chain config's `family:`
 FORMATS = ("transformers",)
+DEFAULT_FORMAT = "transformers"
 TOKENIZER_DIR = "tokenizer"  # <run>/tokenizer/tokenizer.json, shared by every stage
 TAGS = ["llama", "compt", "chain-of-models", "transformers"]
 DEFAULT_SEQ_LEN = 128  # compt.text.TextDataConfig.seq_len's default
@@ -31,12 +31,12 @@ DEFAULT_SEQ_LEN = 128  # compt.text.TextDataConfig.seq_len's default
 def read_stage(stage_dir: str | Path) -> FinishedStage:
     """A stage the manifest marks done, its weights checked against the recorded sha256 and
     against LlamaForCausalLM(config.json)'s tensor names and shapes."""
-    return clip_export.read_stage(stage_dir, from_entry=_stage_from_entry)
+    return core.read_stage(stage_dir, _stage_from_entry)
 
 
 def read_run(run_dir: str | Path) -> list[FinishedStage]:
     """Every stage of a run, all finished and intact, or one error naming each problem."""
-    return clip_export.read_run(run_dir, from_entry=_stage_from_entry)
+    return core.read_run(run_dir, _stage_from_entry)
 
 
 def _stage_from_entry(run: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> FinishedStage:
@@ -54,7 +54,7 @@ def _stage_from_entry(run: Path, manifest: dict[str, Any], entry: dict[str, Any]
     _check_weights(label, weights, model_cfg)
     # metrics.json is optional here: the card shows what is there.
     metrics_path = stage_dir / "metrics.json"
-    metrics = _read_json(metrics_path, f"{label}: metrics") if metrics_path.is_file() else {}
+    metrics = read_json(metrics_path, f"{label}: metrics") if metrics_path.is_file() else {}
     return FinishedStage(run, int(entry["index"]), entry["name"], stage_dir, weights, entry["sha256"],
                          model_cfg, metrics, manifest)
 
@@ -153,9 +153,8 @@ def write_transformers(stage: FinishedStage, out: Path) -> list[str]:
 # Model cards.
 # ---------------------------------------------------------------------------
 
-def _metadata_header(license: str) -> str:
-    meta = {"library_name": "transformers", "license": license, "pipeline_tag": "text-generation", "tags": TAGS}
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+def _header(license: str) -> str:
+    return metadata_header(license, library_name="transformers", pipeline_tag="text-generation", tags=TAGS)
 
 
 def _seq_len(stage: FinishedStage) -> int:
@@ -187,20 +186,18 @@ def _architecture(cfg: dict[str, Any]) -> list[str]:
 
 def _flops_rows(stage: FinishedStage) -> list[str]:
     from compt.flops import format_flops
-    from compt.model_card import _flops
     from compt.llama.flops import count_sequence_flops
 
     seq_len = _seq_len(stage)
     per_seq = count_sequence_flops(stage.model_cfg, seq_len)
     rows = [f"| FLOPs per training sequence ({seq_len} tokens) | training {format_flops(per_seq.train)}, "
             f"forward {format_flops(per_seq.forward)} |"]
-    flops = stage.metrics.get("flops") or {}
-    if flops.get("total") is not None:
-        rows.append(f"| FLOPs, this stage | {_flops(flops['total'])} (student training "
-                    f"{_flops(flops.get('student_train'))}, teacher forward {_flops(flops.get('teacher_forward'))}) |")
-    totals = [(e.get("metrics") or {}).get("flops_total") for e in stage.manifest["stages"][:stage.index + 1]]
-    if totals and all(t is not None for t in totals):
-        rows.append(f"| FLOPs, chain up to this model | {_flops(sum(totals))} |")
+    f = flops_summary(stage)
+    if f["total"] is not None:
+        rows.append(f"| FLOPs, this stage | {flops_text(f['total'])} (student training "
+                    f"{flops_text(f['student_train'])}, teacher forward {flops_text(f['teacher_forward'])}) |")
+    if f["chain_total"] is not None:
+        rows.append(f"| FLOPs, chain up to this model | {flops_text(f['chain_total'])} |")
     return rows
 
 
@@ -218,16 +215,11 @@ def _load_snippet(repo_id: str | None, subfolder: str | None) -> list[str]:
 def stage_card(stage: FinishedStage, license: str = "other", repo_id: str | None = None,
                subfolder: str | None = None) -> str:
     """README.md for one exported LLaMA model."""
-    from compt.model_card import _budget, _flat, _fmt, _predecessor
-
     n = len(stage.manifest["stages"])
-    chain_path = " -> ".join(
-        (f"**{e.get('dir', '').split('/')[-1]}**" if e["index"] == stage.index else e.get("dir", "").split("/")[-1])
-        for e in stage.manifest["stages"])
-    prev = _predecessor(stage)
+    prev = predecessor(stage)
     data = stage.manifest["config"].get("data") or {}
     lines = [
-        _metadata_header(license),
+        _header(license),
         f"# {stage.chain} / {stage.folder}",
         "",
         f"A LLaMA-architecture causal language model, stage {stage.index} of {n} of the chain `{stage.chain}`, "
@@ -236,16 +228,16 @@ def stage_card(stage: FinishedStage, license: str = "other", repo_id: str | None
         "with its predecessor as a distillation teacher.",
         "",
         "## Model", "", "| | |", "|---|---|", *_architecture(stage.model_cfg), "",
-        "## Chain lineage", "", f"Chain: {chain_path}", "", "| | |", "|---|---|",
+        "## Chain lineage", "", f"Chain: {chain_path(stage)}", "", "| | |", "|---|---|",
         f"| predecessor | {f'`{prev}`' if prev else 'none: first model of the chain'} |",
-        f"| budget | {_budget(stage)} |",
+        f"| budget | {budget(stage)} |",
         f"| training data | {data.get('kind', 'n/a')}, sequences of {_seq_len(stage)} tokens |",
         *_flops_rows(stage), "",
     ]
-    rows = _flat({k: v for k, v in stage.metrics.items() if k not in {"stage", "name", "flops", "ranks"}})
+    rows = flatten({k: v for k, v in stage.metrics.items() if k not in {"stage", "name", "flops", "ranks"}})
     if rows:
         lines += ["## Metrics", "", "From the stage's `metrics.json`.", "", "| metric | value |", "|---|---|",
-                  *[f"| {k} | {_fmt(v)} |" for k, v in rows], ""]
+                  *[f"| {k} | {format_value(v)} |" for k, v in rows], ""]
     lines += _load_snippet(repo_id, subfolder)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -254,12 +246,11 @@ def family_card(stages: list[FinishedStage], license: str = "other", repo_id: st
     """README.md for a whole exported LLaMA chain: one row per model folder."""
     from compt.flops import format_flops
     from compt.llama.flops import count_sequence_flops
-    from compt.model_card import _budget, _predecessor
 
     first = stages[0]
     seq_len = _seq_len(first)
     lines = [
-        _metadata_header(license),
+        _header(license),
         f"# {first.chain}: a LLaMA model family",
         "",
         f"{len(stages)} causal language models trained as a chain with compt (Chain-of-Models Pre-Training), "
@@ -270,8 +261,8 @@ def family_card(stages: list[FinishedStage], license: str = "other", repo_id: st
         "|---|---|---|---|---|",
     ]
     for s in stages:
-        lines.append(f"| [`{s.folder}`]({s.folder}/README.md) | {_params(s.model_cfg):,} | {_predecessor(s) or '-'} "
-                     f"| {_budget(s).split(' (')[0]} "
+        lines.append(f"| [`{s.folder}`]({s.folder}/README.md) | {_params(s.model_cfg):,} | {predecessor(s) or '-'} "
+                     f"| {budget(s).split(' (')[0]} "
                      f"| {format_flops(count_sequence_flops(s.model_cfg, seq_len).train)} |")
     sub = stages[-1].folder
     lines += [""] + _load_snippet(repo_id, sub if repo_id else None)
@@ -295,11 +286,11 @@ def export(stages: list[FinishedStage], out: str | Path, fmt: str | None = "tran
            family: bool = False, repo_id: str | None = None, dry_run: bool = False) -> ExportResult:
     """Write one save_pretrained folder per model (``family``: subfolders plus a family card) at ``out``.
 
-    Same contract as compt.clip.export.export: ``repo_id`` only shapes the cards' loading
+    Same contract as every family's export: ``repo_id`` only shapes the cards' loading
     instructions; ``dry_run`` builds the export in a temporary folder, lists and deletes it.
     """
     out = Path(out)
-    _check_out(out)
+    check_out(out)
     for stage in stages:  # every check before any write
         _check_format(stage, fmt)
         _check_tokenizer(stage)
@@ -319,11 +310,13 @@ def export(stages: list[FinishedStage], out: str | Path, fmt: str | None = "tran
     return write_staged(out, dry_run, fill)
 
 
-def is_llama_run(run: Path) -> bool:
-    """Whether ``run``'s manifest describes a LLaMA chain (config family 'llama')."""
-    try:
-        manifest = json.loads((run / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    config = manifest.get("config") if isinstance(manifest, dict) else None
-    return isinstance(config, dict) and config.get("family") == "llama"
+def claims(path: Path, whole_run: bool) -> bool:
+    """Whether ``path`` (a stage, or a run with ``whole_run``) is a LLaMA one: its run's manifest
+    names the family llama, or its config.json is a LlamaConfig."""
+    from compt.llama.model import is_llama_config
+
+    config = core.manifest_config(core.run_of(path, whole_run))
+    if config is not None and config.get("family") == FAMILY:
+        return True
+    stage_cfg = None if whole_run else core.stage_config(path)
+    return stage_cfg is not None and is_llama_config(stage_cfg)

@@ -1,7 +1,7 @@
 """Training cost of one LLaMA (LlamaForCausalLM) sequence, in FLOPs: counted with FlopCounterMode
 on the meta device, with the closed-form matmul formula beside it as a cross-check.
 
-Conventions are compt.flops' (a matmul [m,k] x [k,n] is 2*m*n*k FLOPs; only matmuls count;
+Conventions are compt.clip.flops' (a matmul [m,k] x [k,n] is 2*m*n*k FLOPs; only matmuls count;
 attention is dense, causal mask or not), plus, for a language model:
 - One sample is one training sequence of ``seq_len`` tokens, batch 1.
 - ``forward`` includes the LM head's logits at *every* position (2 * seq_len * hidden * vocab):
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from compt.flops import _count as count_flops  # FlopCounterMode total of one call, shared with CLIP
+from compt.flops import count_flops
 from compt.llama.model import build_llama, resolve_llama_config
 
 

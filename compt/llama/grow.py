@@ -1,7 +1,7 @@
 """Parameter-space growth for LLaMA (transformers' LlamaForCausalLM): how a student tensor is
 initialised from the previous (smaller) model of the chain.
 
-Every rule is a per-tensor :class:`~compt.clip.growth_plan.TensorPlan` (index map + scale +
+Every rule is a per-tensor :class:`~compt.growth.TensorPlan` (index map + scale +
 fill), so ``TensorPlan.dense`` gives the whole tensor and ``TensorPlan.flat_slice`` any flat
 slice of it (a ZeRO-3 rank's partition), bit for bit the same. ``grow_state_dict`` is a thin
 wrapper over the plans. Names are LlamaForCausalLM state-dict names; with tied embeddings
@@ -94,22 +94,17 @@ from typing import Any, Mapping
 
 import torch
 
-from compt.clip.growth_plan import RANDOM, SRC, ZERO, Axis, TensorPlan, grow_with_plans, tile_axis
-from compt.llama.model import EMBED, TIED_HEAD, config_key, llama_state_shapes, resolve_llama_config
+from compt.growth import (MODES, RANDOM, SRC, ZERO, Axis, GrowthJob, GrowthRefused, TensorPlan, check_mode,
+                          grow_with_plans, tile_axis)
+from compt.llama.model import EMBED, TIED_HEAD, config_key, is_llama_config, llama_state_shapes, resolve_llama_config
 
-MODES = ("exact", "official", "none")
 
 __all__ = ["MODES", "TensorPlan", "plan_tensor", "growth_problem", "exact_config", "grow_state_dict",
-           "layer_source"]
+           "layer_source", "is_model_config", "config_hint", "grow_job"]
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # RoPE types whose frequencies do not depend on max_position_embeddings.
 _ROPE_WITHOUT_MAX_POS = ("default", "linear", "llama3", "proportional")
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown growth mode {mode!r}; expected one of {MODES}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -356,7 +351,7 @@ def plan_tensor(name: str, small_cfg: dict[str, Any], big_cfg: dict[str, Any], m
     ``exact`` plans compute the teacher's function in the model built from
     ``exact_config(small_cfg, big_cfg)`` (its rms_norm_eps; the shapes are ``big_cfg``'s).
     Raises ValueError when the growth is impossible (see ``growth_problem``)."""
-    _check_mode(mode)
+    check_mode(mode)
     if isinstance(noise, bool) or not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
     if mode == "none":
@@ -379,7 +374,7 @@ def growth_problem(small_cfg: dict[str, Any], big_cfg: dict[str, Any], mode: str
     """Why ``big_cfg`` cannot be grown from ``small_cfg`` in ``mode``, or None. Checks both
     configs, then plans every student tensor, so every per-tensor error is found. The
     student's rms_norm_eps is never a problem in ``exact``: ``exact_config`` replaces it."""
-    _check_mode(mode)
+    check_mode(mode)
     from compt.llama.model import llama_config_problem
 
     for who, cfg in (("teacher", small_cfg), ("student", big_cfg)):
@@ -404,6 +399,58 @@ def grow_state_dict(small_sd: Mapping[str, torch.Tensor], big_init_sd: Mapping[s
     ``exact`` mode ``big_init_sd`` only supplies names, shapes and dtypes, and a teacher
     tensor missing from ``small_sd`` is an error; ``official`` keeps the init there. A tied
     teacher's checkpoint needs no ``lm_head.weight``."""
-    _check_mode(mode)
+    check_mode(mode)
     return grow_with_plans(small_sd, big_init_sd, lambda name: plan_tensor(name, small_cfg, big_cfg, mode, noise, seed),
                            mode)
+
+
+# ---- compt grow ---------------------------------------------------------------------------------
+def is_model_config(raw: object) -> bool:
+    """Whether ``raw`` (a parsed JSON file) is an HF LLaMA config.json: its ``model_type`` or
+    ``architectures`` say so (whether it is buildable is ``llama_config_problem``'s question)."""
+    return isinstance(raw, dict) and is_llama_config(raw)
+
+
+def config_hint(raw: object) -> str:
+    """What to give for a LLaMA model, for an error about a config no family recognises."""
+    return "give an HF LLaMA config.json, with model_type 'llama'"
+
+
+def grow_job(small_raw: dict, big_raw: dict, *, mode: str, noise: float, seed: int, from_label: str,
+             to_label: str, out_config_given: bool) -> GrowthJob:
+    """What ``compt grow`` writes for HF LLaMA configs ``small_raw`` -> ``big_raw``: every stored
+    tensor of LlamaForCausalLM, as ``save_pretrained`` writes them, and the grown model's config
+    (in ``exact`` mode ``exact_config``'s, whose rms_norm_eps may differ from ``big_raw``'s: a
+    note says so). The labels name the two configs in messages; ``--out-config`` is welcome.
+    GrowthRefused naming the config and field when a config is not buildable or the growth is
+    impossible."""
+    from compt.llama.model import build_llama, llama_config_problem
+
+    for flag, label, raw in (("--from-config", from_label, small_raw), ("--to-config", to_label, big_raw)):
+        problem = llama_config_problem(raw)
+        if problem:
+            raise GrowthRefused(f"{flag} {label}: {problem}")
+    small_cfg, big_cfg = resolve_llama_config(small_raw), resolve_llama_config(big_raw)
+    problem = growth_problem(small_cfg, big_cfg, mode)
+    if problem:
+        raise GrowthRefused(f"cannot grow {from_label} into {to_label} ({mode}): {problem}")
+    notes = []
+    student_cfg = big_cfg
+    if mode == "exact":
+        student_cfg = exact_config(small_cfg, big_cfg)
+        if student_cfg["rms_norm_eps"] != big_cfg["rms_norm_eps"]:
+            notes.append(f"rms_norm_eps of the grown model is {student_cfg['rms_norm_eps']!r}, not the "
+                         f"{big_cfg['rms_norm_eps']!r} of {to_label}: exact growth sets it from the teacher's; "
+                         "build the model from the written config")
+
+    def make_init() -> dict:
+        with torch.random.fork_rng(devices=[]):  # the student's own init, where the rule keeps it
+            torch.manual_seed(seed)
+            return build_llama(student_cfg, torch.float32).state_dict()
+
+    shapes = llama_state_shapes(student_cfg)
+    plans = {name: plan_tensor(name, small_cfg, student_cfg, mode, noise, seed) for name in shapes}
+    meta = {"format": "pt",
+            "compt.grow": json.dumps({"mode": mode, "noise": noise, "seed": seed,
+                                      "from_config": small_cfg, "to_config": student_cfg})}
+    return GrowthJob(shapes, llama_state_shapes(small_cfg), plans, make_init, meta, config=student_cfg, notes=notes)

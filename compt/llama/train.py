@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from compt.kernels import distill_kl_reference, fused_linear_kl
 from compt.llama.model import TIED_HEAD, build_llama
-from compt.loader import GlobalBatchSampler
-from compt.losses import LossParts
+from compt.sampler import GlobalBatchSampler
+from compt.loss import LossParts
 
 PREFIX = "lm."
 

@@ -5,19 +5,10 @@ gathered with gradient), so N ranks compute the same loss as one rank would.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import open_clip
-import torch
 
 from compt.kernels import feature_alignment_loss
-
-
-@dataclass
-class LossParts:
-    total: torch.Tensor
-    contrastive: torch.Tensor
-    alignment: torch.Tensor | None
+from compt.loss import LossParts
 
 
 class ChainLoss:

@@ -11,12 +11,11 @@ each bad sample in ``Batch.bad`` for the trainer to count.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
-
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from compt.clip.model import Preprocess
+from compt.sampler import GlobalBatchSampler
 
 
 @dataclass
@@ -33,33 +32,6 @@ class Batch:
         """What the teacher reads: its own tensors when its preprocessing differs, else the student's."""
         return (self.teacher_images if self.teacher_images is not None else self.images,
                 self.teacher_texts if self.teacher_texts is not None else self.texts)
-
-
-class GlobalBatchSampler:
-    """Yields this rank's index list for every micro-step; ``step`` global steps in total."""
-
-    def __init__(self, n: int, global_batch: int, steps: int, rank: int, world: int, gas: int, seed: int,
-                 start_step: int = 0):
-        if global_batch > n:
-            raise ValueError(f"batch_size {global_batch} is larger than the dataset ({n} samples); lower batch_size")
-        self.n, self.gb, self.steps, self.rank, self.world, self.gas, self.seed = n, global_batch, steps, rank, world, gas, seed
-        self.micro = global_batch // (world * gas)
-        self.per_epoch = n // global_batch
-        self.start_step = start_step  # resuming: batches are a pure function of (seed, step)
-
-    def __len__(self) -> int:
-        return (self.steps - self.start_step) * self.gas
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm, epoch = None, -1
-        for step in range(self.start_step, self.steps):
-            e, b = divmod(step, self.per_epoch)
-            if e != epoch:
-                epoch = e
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e)).tolist()
-            for m in range(self.gas):
-                start = b * self.gb + (m * self.world + self.rank) * self.micro
-                yield [(epoch, i) for i in perm[start:start + self.micro]]
 
 
 MAX_CONSECUTIVE_BAD = 64

@@ -1,11 +1,11 @@
 """Speed and memory of the fused Triton alignment loss vs eager PyTorch and torch.compile, and
 throughput of the fused weight expansion (CUDA only).
 
-    python benchmarks/kernels.py                   # full grid: B 1024-32768, D 512/768/1024, C 1 and 7
-    python benchmarks/kernels.py --loss-share      # + the loss's share of a ViT-B/16 training step
-    python benchmarks/kernels.py --quick           # a few shapes, for a first look
-    python benchmarks/kernels.py --expansion       # weight expansion ViT-B/16 -> ViT-L/16 instead
-    python benchmarks/kernels.py --distill         # fused linear KL distillation loss instead
+    python benchmarks/kernel_bench.py                   # full grid: B 1024-32768, D 512/768/1024, C 1 and 7
+    python benchmarks/kernel_bench.py --loss-share      # + the loss's share of a ViT-B/16 training step
+    python benchmarks/kernel_bench.py --quick           # a few shapes, for a first look
+    python benchmarks/kernel_bench.py --expansion       # weight expansion ViT-B/16 -> ViT-L/16 instead
+    python benchmarks/kernel_bench.py --distill         # fused linear KL distillation loss instead
 
 What it measures, per shape (B images, C captions per image, embed dim D; bf16 unless --dtype):
 - forward and forward+backward time (median of --reps, CUDA events, after warm-up) and the
@@ -16,7 +16,7 @@ What it measures, per shape (B images, C captions per image, embed dim D; bf16 u
 - Before timing: agreement of fused vs reference (loss and gradients, fp32 and bf16, with and
   without proj), since the tests here only run the kernels in Triton's CPU interpreter.
 - With --loss-share: the loss's share of one ViT-B/16 training step at a per-GPU batch, two
-  ways: (a) FLOPs: compt.flops.count_sample_flops(ViT-B-16) x batch at this GPU's measured
+  ways: (a) FLOPs: compt.clip.flops.count_sample_flops(ViT-B-16) x batch at this GPU's measured
   bf16 matmul rate (a lower bound on the step time, so the share is an upper bound), and
   (b) a real open_clip ViT-B/16 step (autocast bf16, AdamW) timed on this GPU.
   The step excludes the teacher's forward, which CoM-PT adds: real shares are smaller.
@@ -275,7 +275,7 @@ def time_clip_step(model_name: str, batch: int, captions: int, reps: int, warmup
 
 
 def loss_share(args, impls: dict, dtype: torch.dtype) -> dict:
-    from compt.flops import count_sample_flops
+    from compt.clip.flops import count_sample_flops
 
     model_name = args.step_model
     cfg = step_model_config(model_name)
@@ -947,19 +947,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device here; the Triton kernels are benchmarked on a GPU only. "
+        print("benchmarks/kernel_bench.py: no CUDA device here; the Triton kernels are benchmarked on a GPU only. "
               "Nothing measured, nothing written.")
         return 0
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("benchmarks/kernels.py: triton is not importable; nothing measured, nothing written.")
+        print("benchmarks/kernel_bench.py: triton is not importable; nothing measured, nothing written.")
         return 0
 
     if DEVICE == "cpu":
         # compt's kernels read this at each launch, so setting it after triton's import works.
         os.environ["TRITON_INTERPRET"] = "1"
-        print("benchmarks/kernels.py: CPU dry run (Triton interpreter, wall times): a check of this script's "
+        print("benchmarks/kernel_bench.py: CPU dry run (Triton interpreter, wall times): a check of this script's "
               "logic; its numbers mean nothing.")
 
     dtype = DTYPES[args.dtype]

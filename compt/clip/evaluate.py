@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from compt.clip.model import Preprocess
-from compt.loader import eval_loader
+from compt.clip.loader import eval_loader
 
 
 @torch.no_grad()

@@ -43,12 +43,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# How a stage starts from its predecessor, for every family: exact (function-preserving growth),
+# official (the reference code's slice copy), none (the student's own init).
+MODES = ("exact", "official", "none")
 
 SRC, FREE, RANDOM, INIT, ZERO = 0, 1, 2, 3, 4
 _REST = {"mean": SRC, "free": FREE, "random": RANDOM, "init": INIT, "zero": ZERO}
@@ -152,52 +156,52 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 14)
 
 
-def _stream_key(seed: int, name: str, purpose: str) -> tuple[int, int, int, int]:
+def stream_key(seed: int, name: str, purpose: str) -> tuple[int, int, int, int]:
     digest = hashlib.blake2b(f"{seed}\x00{name}\x00{purpose}".encode(), digest_size=16).digest()
     return tuple(int.from_bytes(digest[k:k + 4], "little") for k in range(0, 16, 4))  # type: ignore[return-value]
 
 
-_LN2 = math.log(2.0)
-_SQRT_HALF = math.sqrt(0.5)
-_LOG_COEF = [1.0 / (2 * k + 1) for k in range(10)]  # 2*atanh(s) = 2s * sum s^2k / (2k+1)
-_COS_COEF = [(-1.0) ** k / math.factorial(2 * k) for k in range(15)]  # |x| <= pi: error < 1e-15
+LN2 = math.log(2.0)
+SQRT_HALF = math.sqrt(0.5)
+LOG_COEF = [1.0 / (2 * k + 1) for k in range(10)]  # 2*atanh(s) = 2s * sum s^2k / (2k+1)
+COS_COEF = [(-1.0) ** k / math.factorial(2 * k) for k in range(15)]  # |x| <= pi: error < 1e-15
 
 
 def _log(u: torch.Tensor) -> torch.Tensor:
     """Natural log of u > 0 (float64) from frexp and a series; ~1e-15 relative error."""
     m, e = torch.frexp(u)
-    low = m < _SQRT_HALF
+    low = m < SQRT_HALF
     m = torch.where(low, m * 2.0, m)  # now in [sqrt(1/2), sqrt(2))
     e = (e - low.to(e.dtype)).to(torch.float64)
     s = (m - 1.0) / (m + 1.0)
     s2 = s * s
-    p = torch.full_like(s, _LOG_COEF[-1])
-    for c in reversed(_LOG_COEF[:-1]):
+    p = torch.full_like(s, LOG_COEF[-1])
+    for c in reversed(LOG_COEF[:-1]):
         p = p * s2 + c
-    return e * _LN2 + 2.0 * s * p
+    return e * LN2 + 2.0 * s * p
 
 
 def _cos_2pi(u: torch.Tensor) -> torch.Tensor:
     """cos(2*pi*u) for u in [0, 1) (float64), by a Taylor polynomial around pi."""
     x = (u - 0.5) * (2.0 * math.pi)  # cos(2 pi u) = -cos(x), |x| <= pi
     x2 = x * x
-    p = torch.full_like(x, _COS_COEF[-1])
-    for c in reversed(_COS_COEF[:-1]):
+    p = torch.full_like(x, COS_COEF[-1])
+    for c in reversed(COS_COEF[:-1]):
         p = p * x2 + c
     return -p
 
 
-def _mix32_int(x: int) -> int:
+def mix32_int(x: int) -> int:
     return int(_mix32(torch.tensor([x], dtype=torch.int64))[0])
 
 
 def counter_normal(seed: int, name: str, purpose: str, index: torch.Tensor) -> torch.Tensor:
     """Standard normal draws (float64), a pure function of (seed, name, purpose, index)
     for int64 ``index >= 0``."""
-    k0, k1, k2, k3 = _stream_key(seed, name, purpose)
+    k0, k1, k2, k3 = stream_key(seed, name, purpose)
     hi = (index >> 32) & _M32
     # The high word enters through mix32(hi ^ k1); below 2**32 elements it is one constant.
-    hi_mix = _mix32_int(k1) if not bool(hi.any()) else _mix32(hi ^ k1)
+    hi_mix = mix32_int(k1) if not bool(hi.any()) else _mix32(hi ^ k1)
     h = _mix32((index & _M32) ^ k0 ^ hi_mix)
     a = _mix32(h ^ k2)
     b = _mix32(h ^ k3)
@@ -219,7 +223,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)
 
 
-def _strides(shape: tuple[int, ...]) -> list[int]:
+def row_major_strides(shape: tuple[int, ...]) -> list[int]:
     out, acc = [], 1
     for s in reversed(shape):
         out.append(acc)
@@ -289,7 +293,7 @@ class TensorPlan:
                 x = torch.cat([x, _tree_sum(x, d) / axis.n_small], dim=d)
         need_rms = self.random_gain > 0 and any(bool((a.status == RANDOM).any()) for a in self.axes) or (
             self.noise > 0 and any(a.copies > 1 or bool((a.status == FREE).any()) for a in self.axes))
-        return _Prepared(ext=x.reshape(-1).contiguous(), ext_strides=_strides(tuple(x.shape)),
+        return _Prepared(ext=x.reshape(-1).contiguous(), ext_strides=row_major_strides(tuple(x.shape)),
                          rms=_rms(t.to(torch.float64)) if need_rms else 0.0)
 
     # -- per element: the one definition of the rule
@@ -301,7 +305,7 @@ class TensorPlan:
         if not self.axes:  # a single value copied (logit_scale, 0-d or [1])
             return torch.full((n,), float(prep.ext[0]) if prep is not None else 0.0, dtype=torch.float64,
                               device=f.device)
-        strides = _strides(self.shape)
+        strides = row_major_strides(self.shape)
         last = len(self.axes) - 1
         status = src = scale = None
         pair = None
@@ -374,7 +378,7 @@ class TensorPlan:
         else:  # g_c - g_{c+1 mod q}: sums to zero over the copies; scaled to unit variance
             nxt = f + (((copy + 1) % axis.copies) - copy) * (axis.period * stride)
             z = (counter_normal(self.seed, self.name, "pair", f)
-                 - counter_normal(self.seed, self.name, "pair", nxt)) * _SQRT_HALF
+                 - counter_normal(self.seed, self.name, "pair", nxt)) * SQRT_HALF
         z = z * std
         if noisy is None:
             return vals + z
@@ -417,6 +421,11 @@ class TensorPlan:
         return flat.reshape(tuple(init.shape) if init is not None else self.shape)
 
 
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown growth mode {mode!r}; expected one of {MODES}")
+
+
 def grow_with_plans(small_sd: Mapping[str, torch.Tensor], big_init_sd: Mapping[str, torch.Tensor],
                     plan_of, mode: str) -> dict[str, torch.Tensor]:
     """A grown state dict: one entry per ``big_init_sd`` key, in its order, with that entry's
@@ -441,3 +450,24 @@ def grow_with_plans(small_sd: Mapping[str, torch.Tensor], big_init_sd: Mapping[s
                            init=big_init if plan.needs_init() else None, dtype=big_init.dtype)
         out[name] = grown.reshape(big_init.shape).to(big_init.device)
     return out
+
+
+# ---- a growth job: what `compt grow` writes, as a family describes it --------------------------
+
+
+class GrowthRefused(ValueError):
+    """Bad input to ``compt grow`` (a config, a flag): the command prints ``error: ...`` and exits 2."""
+
+
+@dataclass
+class GrowthJob:
+    """What ``compt grow`` writes: the student tensors in order, their plans, and what checks
+    the checkpoint. A family's ``grow_job`` builds it; the command streams it to disk."""
+
+    shapes: dict[str, tuple[int, ...]]  # student tensors, in output order
+    small_shapes: dict[str, tuple[int, ...]]  # teacher tensors as the checkpoint stores them
+    plans: dict[str, TensorPlan | None]  # None: the tensor keeps the student's own init
+    make_init: Callable[[], dict]  # the student's own init (only called when some tensor keeps it)
+    meta: dict[str, str]  # the safetensors header's metadata
+    config: dict[str, Any] | None = None  # the grown model's config, written to --out-config; None: --to-config is it
+    notes: list[str] = field(default_factory=list)  # printed as "note: ..." after a successful write

@@ -1,111 +1,31 @@
-"""Model cards (README.md with the Hub's YAML metadata header) for exported chain models
-and for a whole family: lineage in the chain, cost, metrics, and how to load them.
+"""CLIP model cards (README.md with the Hub's YAML metadata header) for exported chain models
+and for a whole family: architecture, lineage in the chain, cost, metrics, and how to load them.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from compt.card import (budget, chain_path, flatten, flops_summary, flops_text, format_value, metadata_header,
+                        predecessor, transfer)
 
 if TYPE_CHECKING:
-    from compt.clip.export import FinishedStage
+    from compt.export import FinishedStage
 
 TAGS = ["clip", "compt", "chain-of-models"]
 # Metrics shown elsewhere in the card (or not metrics at all).
 _NOT_METRICS = {"stage", "name", "transfer", "flops", "loss_curve", "ranks"}
 
 
-def metadata_header(formats: list[str], license: str) -> str:
-    meta = {
-        "library_name": "open_clip" if "open_clip" in formats else "transformers",
-        "license": license,
-        "pipeline_tag": "zero-shot-image-classification",
-        "tags": TAGS + [f for f in ("open_clip", "transformers") if f in formats],
-    }
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+def _header(formats: list[str], license: str) -> str:
+    return metadata_header(license, library_name="open_clip" if "open_clip" in formats else "transformers",
+                           pipeline_tag="zero-shot-image-classification",
+                           tags=TAGS + [f for f in ("open_clip", "transformers") if f in formats])
 
 
-def _fmt(x: Any) -> str:
-    if isinstance(x, bool) or x is None:
-        return str(x)
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
+def _sample_train_flops(cfg: dict[str, Any]) -> float:
+    from compt.clip.flops import count_sample_flops
 
-
-def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    rows = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            rows += _flat(v, f"{prefix}{k}.")
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            rows.append((prefix + k, v))
-    return rows
-
-
-def _flops(x: float | None) -> str:
-    from compt.flops import format_flops
-
-    return "n/a" if x is None else format_flops(x)
-
-
-def _stage_config(stage: "FinishedStage") -> dict[str, Any]:
-    stages = stage.manifest["config"].get("stages") or []
-    return stages[stage.index] if stage.index < len(stages) else {}
-
-
-def _budget(stage: "FinishedStage") -> str:
-    budget = {k: v for k, v in (_stage_config(stage).get("budget") or {}).items() if v is not None}
-    given = ", ".join(f"{k}={v}" for k, v in budget.items()) or "n/a"
-    m = stage.metrics
-    if m.get("steps") is not None and m.get("global_batch") is not None:
-        given += f" ({m['steps']} steps x global batch {m['global_batch']} = {_fmt(m.get('samples_seen'))} samples)"
-    return given
-
-
-def _transfer(stage: "FinishedStage") -> dict[str, Any] | None:
-    if stage.index == 0:
-        return None
-    from compt.config import alpha_default
-
-    # The chain config leaves transfer (or its alpha) out for the defaults (compt.config.Transfer).
-    given = stage.metrics.get("transfer") or _stage_config(stage).get("transfer") or {}
-    out = {"init": "official", "align": True, **{k: v for k, v in given.items() if v is not None}}
-    out.setdefault("alpha", alpha_default(stage.manifest["config"].get("family", "clip"), out["init"]))
-    return out
-
-
-def _predecessor(stage: "FinishedStage") -> str | None:
-    if stage.index == 0:
-        return None
-    prev = stage.manifest["stages"][stage.index - 1]
-    return prev.get("dir", "").split("/")[-1] or f"{stage.index - 1}-{prev.get('name')}"
-
-
-def flops_summary(stage: "FinishedStage") -> dict[str, float | None]:
-    """This stage's training FLOPs, the chain's up to it, and training it from scratch.
-
-    The from-scratch estimate is this architecture's per-sample training cost times the
-    first stage's samples (CoM-PT's baseline: every model trained alone like the first).
-    """
-    from compt.flops import count_sample_flops
-
-    flops = stage.metrics.get("flops") or {}
-    summaries = [(e.get("metrics") or {}) for e in stage.manifest["stages"][:stage.index + 1]]
-    totals = [s.get("flops_total") for s in summaries]
-    chain = sum(totals) if totals and all(t is not None for t in totals) else None
-    scratch = flops.get("from_scratch")
-    first_samples = summaries[0].get("samples_seen") if summaries else None
-    if scratch is None and first_samples:
-        try:
-            scratch = count_sample_flops(stage.model_cfg).train * first_samples
-        except Exception:  # noqa: BLE001 - an estimate only; the card says n/a
-            scratch = None
-    return {"student_train": flops.get("student_train"), "teacher_forward": flops.get("teacher_forward"),
-            "total": flops.get("total"), "chain_total": chain, "from_scratch": scratch,
-            "first_stage_samples": first_samples}
+    return count_sample_flops(cfg).train
 
 
 def _architecture(cfg: dict[str, Any]) -> list[str]:
@@ -160,12 +80,9 @@ def stage_card(stage: "FinishedStage", formats: list[str], license: str = "other
     n = len(stage.manifest["stages"])
     ctx = int(stage.model_cfg["text_cfg"].get("context_length", 77))
     m = stage.metrics
-    chain_path = " -> ".join(
-        (f"**{e.get('dir', '').split('/')[-1]}**" if e["index"] == stage.index else e.get("dir", "").split("/")[-1])
-        for e in stage.manifest["stages"])
     data = stage.manifest["config"].get("data") or {}
     lines = [
-        metadata_header(formats, license),
+        _header(formats, license),
         f"# {stage.chain} / {stage.folder}",
         "",
         f"A CLIP model, stage {stage.index} of {n} of the chain `{stage.chain}`, trained with "
@@ -174,16 +91,16 @@ def stage_card(stage: "FinishedStage", formats: list[str], license: str = "other
         "CLIP contrastive loss plus an alignment loss towards the predecessor's embeddings.",
         "",
         "## Model", "", "| | |", "|---|---|", *_architecture(stage.model_cfg),
-        f"| parameters | {_fmt(m.get('params'))} |",
+        f"| parameters | {format_value(m.get('params'))} |",
         f"| formats in this folder | {', '.join(formats)} |",
         "",
     ]
     if skipped:
         lines += [f"transformers format not included: {skipped}.", ""]
 
-    t, prev = _transfer(stage), _predecessor(stage)
-    f = flops_summary(stage)
-    lines += ["## Chain lineage", "", f"Chain: {chain_path}", "", "| | |", "|---|---|"]
+    t, prev = transfer(stage), predecessor(stage)
+    f = flops_summary(stage, _sample_train_flops)
+    lines += ["## Chain lineage", "", f"Chain: {chain_path(stage)}", "", "| | |", "|---|---|"]
     lines.append(f"| predecessor | {f'`{prev}`' if prev else 'none: first model of the chain'} |")
     if t is None:
         lines.append("| growth (parameter space) | none: trained from scratch |")
@@ -192,26 +109,27 @@ def stage_card(stage: "FinishedStage", formats: list[str], license: str = "other
         growth = {"official": "official (reference growth rule from the predecessor)",
                   "none": "none (from scratch)"}.get(t["init"], t["init"])
         lines.append(f"| growth (parameter space) | {growth} |")
-        align = (f"to the predecessor's embeddings, weight alpha = {_fmt(float(t['alpha']))}"
+        align = (f"to the predecessor's embeddings, weight alpha = {format_value(float(t['alpha']))}"
                  if t["align"] and float(t["alpha"]) > 0 else "off")
         lines.append(f"| alignment (feature space) | {align} |")
-    lines.append(f"| budget | {_budget(stage)} |")
+    lines.append(f"| budget | {budget(stage)} |")
     train = f" {data['train']}" if data.get("train") else ""
     lines.append(f"| training data | {data.get('kind', 'n/a')}{train} |")
-    lines.append(f"| FLOPs, this stage | {_flops(f['total'])} (student training {_flops(f['student_train'])}, "
-                 f"teacher forward {_flops(f['teacher_forward'])}) |")
-    lines.append(f"| FLOPs, chain up to this model | {_flops(f['chain_total'])} |")
-    scratch = _flops(f["from_scratch"])
+    lines.append(f"| FLOPs, this stage | {flops_text(f['total'])} (student training {flops_text(f['student_train'])}, "
+                 f"teacher forward {flops_text(f['teacher_forward'])}) |")
+    lines.append(f"| FLOPs, chain up to this model | {flops_text(f['chain_total'])} |")
+    scratch = flops_text(f["from_scratch"])
     if f["from_scratch"] and f["first_stage_samples"] and not (stage.metrics.get("flops") or {}).get("from_scratch"):
-        scratch += f" (estimate: this model alone for the first stage's {_fmt(f['first_stage_samples'])} samples)"
+        samples = format_value(f["first_stage_samples"])
+        scratch += f" (estimate: this model alone for the first stage's {samples} samples)"
     lines.append(f"| FLOPs, from scratch | {scratch} |")
     if f["from_scratch"] and f["total"]:
         lines.append(f"| this stage vs from scratch | {f['total'] / f['from_scratch']:.3g}x the FLOPs |")
     lines.append("")
 
-    rows = [(k, v) for k, v in _flat({k: v for k, v in m.items() if k not in _NOT_METRICS})]
+    rows = [(k, v) for k, v in flatten({k: v for k, v in m.items() if k not in _NOT_METRICS})]
     lines += ["## Metrics", "", "From the stage's `metrics.json` (validation split of the training data).", "",
-              "| metric | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows], ""]
+              "| metric | value |", "|---|---|", *[f"| {k} | {format_value(v)} |" for k, v in rows], ""]
     lines += _load_snippets(formats, ctx, repo_id, subfolder)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -222,7 +140,7 @@ def family_card(members: list[tuple["FinishedStage", list[str], str | None]], li
     first = members[0][0]
     formats = sorted({f for _, fs, _ in members for f in fs}, key=["open_clip", "transformers"].index)
     lines = [
-        metadata_header(formats, license),
+        _header(formats, license),
         f"# {first.chain}: a CLIP model family",
         "",
         f"{len(members)} CLIP models trained as a chain with compt (Chain-of-Models Pre-Training), smallest "
@@ -234,14 +152,14 @@ def family_card(members: list[tuple["FinishedStage", list[str], str | None]], li
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage, fs, _ in members:
-        t, f = _transfer(stage), flops_summary(stage)
+        t, f = transfer(stage), flops_summary(stage, _sample_train_flops)
         top1 = stage.metrics.get("zeroshot_top1")
         lines.append(
-            f"| [`{stage.folder}`]({stage.folder}/README.md) | {_fmt(stage.metrics.get('params'))} "
-            f"| {_predecessor(stage) or '-'} | {t['init'] if t else 'scratch'} "
-            f"| {('alpha ' + _fmt(float(t['alpha']))) if t and t['align'] and float(t['alpha']) > 0 else '-'} "
-            f"| {_budget(stage).split(' (')[0]} | {'-' if top1 is None else f'{100 * top1:.1f}%'} "
-            f"| {_flops(f['total'])} | {_flops(f['from_scratch'])} | {', '.join(fs)} |")
+            f"| [`{stage.folder}`]({stage.folder}/README.md) | {format_value(stage.metrics.get('params'))} "
+            f"| {predecessor(stage) or '-'} | {t['init'] if t else 'scratch'} "
+            f"| {('alpha ' + format_value(float(t['alpha']))) if t and t['align'] and float(t['alpha']) > 0 else '-'} "
+            f"| {budget(stage).split(' (')[0]} | {'-' if top1 is None else f'{100 * top1:.1f}%'} "
+            f"| {flops_text(f['total'])} | {flops_text(f['from_scratch'])} | {', '.join(fs)} |")
     skipped = [(s.folder, p) for s, fs, p in members if p]
     if skipped:
         lines += ["", *[f"- `{folder}`: transformers format not included: {p}." for folder, p in skipped]]
