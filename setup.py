@@ -23,6 +23,7 @@ setup(
         "pyyaml",
         "scikit-learn",
         "webdataset",
+        "braceexpand",  # compt.data expands shard patterns itself
         "datasets",
         "tqdm",
         "rich",

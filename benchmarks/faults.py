@@ -8,6 +8,10 @@ a random delay after training starts (any moment: mid-step, mid-checkpoint, mid-
 restarts it, possibly kills it again (``--kills``), and finally lets it finish. Every
 stage's weights and loss curve must equal, bit for bit, those of an uninterrupted run
 with the same rank count. Results: benchmarks/results/faults-<name>.{json,md}.
+
+``--second-launch``: in each trial, once the first launch trains, the same command is started a
+second time on the same --output (the first paused meanwhile, so they overlap); it must exit 2 naming
+the first's rank 0 (the run-directory lock), and the trial must still end bit-identical.
 """
 from __future__ import annotations
 
@@ -57,11 +61,25 @@ TINY_CHAIN = {
 STAGES = [f"{k}-{s['name']}" for k, s in enumerate(TINY_CHAIN["stages"])]
 
 
+def command(chain: Path, out: Path, ranks: int, port: int) -> list[str]:
+    return ["deepspeed", "--master_port", str(port), "--num_gpus", str(ranks), "launch/chain.py", "--chain",
+            str(chain), "--ds_config", "ds_configs/zero3.json", "--output", str(out)]
+
+
 def launch(chain: Path, out: Path, ranks: int, port: int) -> subprocess.Popen:
-    cmd = ["deepspeed", "--master_port", str(port), "--num_gpus", str(ranks), "launch/chain.py", "--chain",
-           str(chain), "--ds_config", "ds_configs/zero3.json", "--output", str(out)]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(command(chain, out, ranks, port), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def second_launch(chain: Path, out: Path, ranks: int, port: int) -> dict:
+    """The same command again while the first runs: its exit code and whether it named the lock's holder."""
+    try:
+        holder = json.loads((out / ".lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        holder = None
+    proc = subprocess.run(command(chain, out, ranks, port), cwd=REPO, capture_output=True, text=True, timeout=600)
+    named = holder is not None and f"pid {holder} on host" in proc.stderr
+    return {"exit": proc.returncode, "named_holder": named}
 
 
 def statuses(out: Path) -> list[str]:
@@ -95,6 +113,8 @@ def main() -> int:
     p.add_argument("--workdir", default="runs/bench-faults")
     p.add_argument("--name", default="cpu2")
     p.add_argument("--port", type=int, default=29870)
+    p.add_argument("--second-launch", action="store_true",
+                   help="also start the same command a second time while the first trains (must exit 2)")
     args = p.parse_args()
 
     work = REPO / args.workdir
@@ -115,7 +135,7 @@ def main() -> int:
             out = work / f"trial-{ranks}-{t}"
             if out.exists():
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-            kills = []
+            kills, second = [], None
             for _ in range(args.kills):
                 started = time.time()
                 proc = launch(chain, out, ranks, port)
@@ -125,6 +145,13 @@ def main() -> int:
                 manifest = out / "manifest.json"
                 while proc.poll() is None and not (manifest.exists() and manifest.stat().st_mtime > started):
                     time.sleep(0.05)
+                if args.second_launch and second is None and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGSTOP)  # paused, so the overlap does not depend on timing
+                    try:
+                        second = second_launch(chain, out, ranks, port)
+                    finally:
+                        os.killpg(proc.pid, signal.SIGCONT)
+                    port += 1
                 delay = rng.uniform(0.0, args.max_delay)
                 try:
                     proc.wait(timeout=delay)
@@ -138,8 +165,13 @@ def main() -> int:
             port += 1
             code = proc.wait()
             diff = same_as(out, ref) if code == 0 else ["resume failed"]
-            trials.append({"ranks": ranks, "trial": t, "kills": kills, "resume_exit": code, "differences": diff})
-            print(f"ranks {ranks} trial {t}: kills {kills} -> {'identical' if not diff else diff}", flush=True)
+            if second is not None and not (second["exit"] == 2 and second["named_holder"]):
+                diff.append(f"second launch exited {second['exit']}"
+                            + ("" if second["named_holder"] else " without naming the lock's holder"))
+            trials.append({"ranks": ranks, "trial": t, "kills": kills, "second_launch": second, "resume_exit": code,
+                           "differences": diff})
+            print(f"ranks {ranks} trial {t}: kills {kills}, second launch {second} -> "
+                  f"{'identical' if not diff else diff}", flush=True)
 
     killed = sum(k["killed"] for tr in trials for k in tr["kills"])
     ok = sum(not tr["differences"] for tr in trials)
@@ -152,11 +184,14 @@ def main() -> int:
     lines = [f"# SIGKILL at random moments, then resume ({result['command']})", "",
              f"{len(trials)} trials, {killed} SIGKILLs, {ok} of {len(trials)} ended bit-identical to an "
              f"uninterrupted run (weights and loss curves of every stage). {os.cpu_count()} CPUs, "
-             f"{result['wall_seconds']} s.", "", "| ranks | trial | kills (delay s: stages at kill) | result |",
-             "|---|---|---|---|"]
+             f"{result['wall_seconds']} s.", "", "| ranks | trial | kills (delay s: stages at kill) | second launch "
+             "on the same --output | result |", "|---|---|---|---|---|"]
     for tr in trials:
         ks = "; ".join(f"{k['delay_s']}: {'/'.join(k.get('stages_at_kill', [])) or k.get('note')}" for k in tr["kills"])
-        lines.append(f"| {tr['ranks']} | {tr['trial']} | {ks} | {'identical' if not tr['differences'] else ', '.join(tr['differences'])} |")
+        sl = tr["second_launch"]
+        sl = "-" if sl is None else f"exit {sl['exit']}{', named the holder' if sl['named_holder'] else ''}"
+        lines.append(f"| {tr['ranks']} | {tr['trial']} | {ks} | {sl} | "
+                     f"{'identical' if not tr['differences'] else ', '.join(tr['differences'])} |")
     (res / f"faults-{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if ok == len(trials) else 1

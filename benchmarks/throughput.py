@@ -31,7 +31,9 @@ DEMO_BASE = {"embed_dim": 64,
              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}
 
 
-def _batches(model_cfg: dict, batch: int, n: int, device):
+def make_batches(model_cfg: dict, batch: int, n: int, device):
+    """``n`` training batches of ``batch`` digit images (rendered and preprocessed for ``model_cfg``) with
+    their tokenized captions, on ``device``: the first ``len(train) // batch`` built once, then repeated."""
     from compt.clip.loader import Batch, train_loader
     from compt.clip.model import preprocess_for
     from compt.data import DataConfig, build_dataset
@@ -147,7 +149,28 @@ def profile_deepspeed(model_cfg, batches, args, device) -> dict:
     return {"profiled_seconds": total, "deepspeed_python_share": in_ds / total if total else 0.0, "top": top}
 
 
+def init_single_rank(port: int = 29560) -> None:
+    """A 1-rank process group for DeepSpeed in this process (MASTER_PORT from the environment if set)."""
+    import deepspeed
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    deepspeed.init_distributed()
+
+
+def model_cost(model_cfg: dict) -> dict:
+    """{"params": parameter count, "train_flops_per_sample": counted forward+backward FLOPs of one sample,
+    one caption} of an open_clip model config (both counted on the meta device)."""
+    from compt.clip.flops import count_sample_flops
+    from compt.clip.model import build_clip
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_clip(model_cfg).parameters())
+    return {"params": n_params, "train_flops_per_sample": count_sample_flops(model_cfg).train}
+
+
 def matmul_peak_tflops(device) -> float | None:
+    """bf16 TFLOP/s of an 8192^3 matrix product on a CUDA ``device`` (None elsewhere): the MFU denominator."""
     if device.type != "cuda":
         return None
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -179,15 +202,10 @@ def main() -> int:
     import deepspeed
     import open_clip
 
-    from compt.clip.flops import count_sample_flops
-    from compt.clip.model import build_clip
-
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29560")
-    deepspeed.init_distributed()
+    init_single_rank()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_cfg = DEMO_BASE if args.model == "demo-base" else open_clip.get_model_config(args.model)
-    batches = _batches(model_cfg, args.batch, args.warmup + args.steps, device)
+    batches = make_batches(model_cfg, args.batch, args.warmup + args.steps, device)
 
     times = {"deepspeed": [], "plain": []}
     for _ in range(args.repeats):  # alternate, so machine noise hits both sides alike
@@ -202,9 +220,8 @@ def main() -> int:
         "model": args.model, "batch": args.batch, "timed_steps": args.steps, "zero_stage": args.zero,
         "seconds": times, "samples_per_s": sps, "ratio_deepspeed_over_plain": sps["deepspeed"] / sps["plain"],
     }
-    train_flops = count_sample_flops(model_cfg).train
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in build_clip(model_cfg).parameters())
+    cost = model_cost(model_cfg)
+    train_flops, n_params = cost["train_flops_per_sample"], cost["params"]
     # Compute per parameter: the DeepSpeed overhead grows with the parameter count, the work with the FLOPs.
     result.update(params=n_params, train_flops_per_sample=train_flops,
                   achieved_tflops={k: v * train_flops / 1e12 for k, v in sps.items()})

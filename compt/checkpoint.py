@@ -15,6 +15,7 @@ when the newest one is corrupt or cannot be loaded. DeepSpeed's files are loaded
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -25,14 +26,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from compt.rundir import atomic_write_text
+from compt.devices import collective_device
+from compt.rundir import RunDirError, atomic_write_text, contained_path
 from compt.weights import sha256_file
 
 HASHES = "compt-sha256.json"
 
 
 class StageInterrupted(RuntimeError):
-    """A stage stopped on SIGTERM/SIGINT after saving a checkpoint."""
+    """A stage stopped on SIGTERM/SIGINT at a safe point: after saving a checkpoint, or before its first step."""
 
 
 class CheckpointError(RuntimeError):
@@ -45,7 +47,7 @@ def _distributed() -> bool:
 
 def any_rank(*flags: bool) -> list[bool]:
     """Each flag true on every rank if it is true on any rank (keeps collective decisions in step)."""
-    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int64)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int64, device=collective_device())
     if _distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
@@ -61,6 +63,15 @@ def _gather(obj: Any) -> list[Any]:
 
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def _inside(root: Path, name: str) -> bool:
+    """An index entry names a file inside the tag folder (relative, no '..', no symlink out of it)."""
+    try:
+        contained_path(root, name, "")
+    except RunDirError:
+        return False
+    return True
 
 
 def _my_share(files: list[Path]) -> list[Path]:
@@ -92,21 +103,44 @@ def use_weights_only_loading(engine) -> None:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the training loop checks between steps."""
+    """Turns SIGTERM/SIGINT into a flag checked at safe points: between training steps (the stage then
+    checkpoints and stops) and after each stage's save. The launcher installs it for the whole chain, so a
+    signal during a stage's build, growth, evaluation or save is deferred, never fatal halfway. The first
+    signal is acknowledged once (by ``rank`` 0); repeats (a second Ctrl-C) are ignored."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, rank: int = 0):
         self.signum: int | None = None
+        self.rank = rank
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def install(self) -> "StopRequest":
         for s in self.SIGNALS:
             self._old[s] = signal.signal(s, self._handle)
         return self
 
+    __enter__ = install
+
+    def on_any_rank(self) -> bool:
+        """Whether a signal reached any rank (a collective: every rank asks at the same point)."""
+        return any_rank(self.signum is not None)[0]
+
+    @property
+    def reason(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a signal to another rank"
+
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            return
         self.signum = signum
+        if self.rank == 0:  # os.write: the main thread may be inside a print to stderr, which is not reentrant
+            try:
+                os.write(2, f"{self.reason}: stopping at the next safe point (a checkpoint after the current "
+                            "training step, or the end of the stage's evaluation and save); further signals are "
+                            "ignored\n".encode())
+            except OSError:
+                pass
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._old.items():
@@ -148,14 +182,29 @@ class StageCheckpointer:
         return sorted(p for p in root.rglob("*") if p.is_file() and p.name != HASHES)
 
     def verify(self, tag: str) -> str | None:
-        """Why ``tag`` cannot be trusted (missing/changed/extra files), checked by all ranks in parallel."""
+        """Why ``tag`` cannot be trusted (missing/changed/extra files), checked by all ranks in parallel.
+
+        The index must list every file of the tag folder, each inside it: an empty or partial index
+        (``{}``, ``[]``, a file left out) and a file nobody hashed are refusals, not passes."""
         root = self.dir / tag
         try:
             want = json.loads((root / HASHES).read_text())
         except (OSError, ValueError) as e:
             return f"{root / HASHES} is unreadable ({e})"
+        if not isinstance(want, dict) or not want or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in want.items()):
+            return (f"{root / HASHES} lists no files (an empty or malformed index, {type(want).__name__} of "
+                    f"{len(want) if hasattr(want, '__len__') else '?'} entries): the checkpoint is not verified")
         problems = []
         names = sorted(want)
+        outside = [n for n in names if not _inside(root, n)]
+        if outside:
+            return f"{root / HASHES} names files outside {root}: {', '.join(repr(n) for n in outside[:5])}"
+        if _rank_world()[0] == 0:
+            extra = sorted(str(p.relative_to(root)) for p in self._files(tag) if str(p.relative_to(root)) not in want)
+            if extra:
+                problems.append(f"{root} holds files {HASHES} does not list (added after the save): "
+                                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
         for name in _my_share(names):
             path = root / name
             if not path.is_file():

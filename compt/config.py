@@ -36,7 +36,7 @@ class ChainConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or inf is never a valid setting
 
 
 class Budget(_Strict):
@@ -111,6 +111,11 @@ class StageConfig(StageOverrides):
     model: str | dict[str, Any]
     budget: Budget
     transfer: Transfer | None = None
+    deepspeed: dict[str, Any] | None = Field(
+        None, description="merged into the ds_config for this stage only, e.g. {zero_optimization: {stage: 2}} "
+                          "for a small first stage")
+    activation_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, ~1/3 more compute)")
 
     def settings(self, defaults: TrainSettings) -> TrainSettings:
         over = {k: v for k, v in self.model_dump(include=set(StageOverrides.model_fields)).items() if v is not None}
@@ -191,12 +196,55 @@ def chain_problems(cfg: ChainConfig) -> list[str]:
         problems.append(f"stages: name '{n}' is used twice; give every stage a unique name")
     if cfg.stages[0].transfer is not None:
         problems.append("stages.0.transfer: the first stage has no predecessor; remove 'transfer'")
+    for k, stage in enumerate(cfg.stages):
+        if stage.deepspeed is not None:
+            problems += ds_dict_problems(stage.deepspeed, f"stages.{k}.deepspeed")
     family = family_of(cfg.family)
     for k in range(1, len(cfg.stages)):
         if cfg.transfer(k).init not in family.growth_modes:
             problems.append(f"stages.{k}.transfer.init: {cfg.family} models cannot grow by '{cfg.transfer(k).init}'; "
                             f"use one of {list(family.growth_modes)}")
     return problems + family.chain_problems(cfg)
+
+
+def ds_dict_problems(cfg: dict, where: str) -> list[str]:
+    """What compt can tell is wrong in a ds_config mapping (the file's, or a stage's ``deepspeed:`` part)."""
+    problems = []
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        problems.append(f"{where}: zero_optimization must be a mapping (got {zero!r})")
+    elif zero.get("stage", 0) not in (0, 1, 2, 3):
+        problems.append(f"{where}: zero_optimization.stage must be 0-3 (got {zero.get('stage')!r})")
+    for key in ("bf16", "fp16"):
+        section = cfg.get(key)
+        if section is not None and (not isinstance(section, dict)
+                                    or section.get("enabled", False) not in (True, False, "auto")):
+            problems.append(f"{where}: '{key}' must be a mapping whose 'enabled' is true, false or \"auto\" "
+                            f"(got {section!r}); e.g. \"{key}\": {{\"enabled\": \"auto\"}}")
+    if all(isinstance(cfg.get(k), dict) and cfg[k].get("enabled") is True for k in ("bf16", "fp16")):
+        problems.append(f"{where}: bf16 and fp16 are both enabled; enable one of them (bf16 where supported)")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
+        if key in cfg:
+            problems.append(f"{where}: '{key}' is set by compt from the chain's batch_size; remove it")
+    gas = cfg.get("gradient_accumulation_steps", 1)
+    if isinstance(gas, bool) or not isinstance(gas, int) or gas < 1:
+        problems.append(f"{where}: gradient_accumulation_steps must be a whole number >= 1 (got {gas!r})")
+    optimizer = cfg.get("optimizer")
+    if optimizer is not None:
+        if not isinstance(optimizer, dict) or not isinstance(optimizer.get("type"), str):
+            problems.append(f"{where}: optimizer must be a mapping with a 'type' (e.g. AdamW), got {optimizer!r}")
+        elif not _known_optimizer(optimizer["type"]):
+            problems.append(f"{where}: optimizer.type '{optimizer['type']}' is neither a DeepSpeed optimizer nor a "
+                            "torch.optim class; use e.g. AdamW")
+    return problems
+
+
+def _known_optimizer(name: str) -> bool:
+    """What DeepSpeed's engine accepts: its own optimizers (case-insensitive) or a torch.optim class name."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    return name.lower() in DEEPSPEED_OPTIMIZERS or getattr(torch.optim, name, None) is not None
 
 
 def ds_config_problems(path: str | Path) -> list[str]:
@@ -209,19 +257,34 @@ def ds_config_problems(path: str | Path) -> list[str]:
         return [f"--ds_config: '{path}' is not valid JSON ({e}); fix the file or use ds_configs/zero3.json"]
     if not isinstance(cfg, dict):
         return [f"--ds_config: '{path}' must hold a JSON object"]
-    problems = []
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        problems.append(f"--ds_config: zero_optimization.stage must be 0-3 (got {stage!r})")
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
-        if key in cfg:
-            problems.append(
-                f"--ds_config: '{key}' is set by compt from the chain's batch_size; remove it from '{path}'"
-            )
-    return problems
+    return ds_dict_problems(cfg, f"--ds_config '{path}'")
+
+
+MAX_CONFIG_NODES = 100_000  # a chain config is small; YAML aliases must not expand it past this
+
+
+def _expanded_size(obj: Any, memo: dict[int, int] | None = None) -> int:
+    """Nodes of ``obj`` once YAML aliases are expanded (each shared node counted every time it is used),
+    computed on the shared structure, so a "billion laughs" file is measured, not expanded."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    memo[id(obj)] = 1  # a cycle (a recursive alias) counts once per visit
+    size = 1 + sum(_expanded_size(c, memo) for c in children)
+    memo[id(obj)] = size
+    return size
 
 
 def _read_yaml(chain: str) -> tuple[Any, str]:
+    raw, source = _parse_yaml(chain)
+    if _expanded_size(raw) > MAX_CONFIG_NODES:
+        raise ChainConfigError(source, [f"--chain: '{chain}' expands to more than {MAX_CONFIG_NODES:,} values "
+                                        "(YAML aliases repeating aliases?); write the config out plainly"])
+    return raw, source
+
+
+def _parse_yaml(chain: str) -> tuple[Any, str]:
     if chain in PRESETS:
         text = resources.files("compt").joinpath("chains", PRESETS[chain]).read_text()
         return yaml.safe_load(text), f"preset '{chain}'"
@@ -242,11 +305,33 @@ def load_chain(chain: str = "demo", ds_config: str | Path | None = None) -> Chai
     problems = ds_config_problems(ds_config) if ds_config is not None else []
     if not isinstance(raw, dict):
         raise ChainConfigError(source, problems + ["the chain file must hold a mapping (name, data, stages, ...)"])
+    # `data` is checked on its own first, so that its problems (with their `data.` prefix) and the rest of the
+    # config's are reported together rather than one hiding the other.
+    data_problems, rest = _data_problems(raw), raw
+    if data_problems:
+        rest = {k: v for k, v in raw.items() if k != "data"}
     try:
-        cfg = ChainConfig.model_validate(raw)
+        cfg = ChainConfig.model_validate(rest)
     except ValidationError as e:
-        raise ChainConfigError(source, problems + _pydantic_problems(e)) from None
-    problems += chain_problems(cfg)
+        raise ChainConfigError(source, problems + data_problems + _pydantic_problems(e)) from None
+    if data_problems:  # the rest is valid: its own problems, without those of the default data it got
+        problems += data_problems + [p for p in chain_problems(cfg) if not p.startswith("data")]
+    else:
+        problems += chain_problems(cfg)
     if problems:
         raise ChainConfigError(source, problems)
     return cfg
+
+
+def _data_problems(raw: dict) -> list[str]:
+    """Schema problems of the `data:` section, as the chain's family reads it ([] when it parses)."""
+    family, data = raw.get("family", DEFAULT_FAMILY), raw.get("data", {})
+    if family not in REGISTRY:
+        return []
+    if not isinstance(data, dict):
+        return [f"data: must be a mapping (kind, paths, ...), got {type(data).__name__}"]
+    try:
+        family_of(family).data_config.model_validate(data)
+    except ValidationError as e:
+        return [p if p.startswith("data") else f"data.{p}" for p in _pydantic_problems(e)]
+    return []

@@ -14,8 +14,73 @@ import torch
 from compt.config import TrainSettings
 
 
+PRECISIONS = ("bf16", "fp16")
+
+
 def read_ds_config(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """The user's ds_config with ``"enabled": "auto"`` precision sections resolved for this machine."""
+    return resolve_precision(json.loads(Path(path).read_text()))
+
+
+def on_accelerator() -> bool:
+    """Whether DeepSpeed's accelerator is a device (CUDA, XPU, HPU, ...) rather than the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
+
+
+def resolve_precision(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """``"bf16"/"fp16": {"enabled": "auto"}`` (Hugging Face's convention): on where the accelerator supports it,
+    off on CPU; bf16 is preferred when both say auto. A section resolved to off is dropped, so the shipped
+    configs give CPU runs exactly the engine config (and run fingerprints) they had before "auto" existed."""
+    from deepspeed.accelerator import get_accelerator
+
+    cfg = copy.deepcopy(ds_config)
+    accel = get_accelerator()
+    for key in PRECISIONS:
+        section = cfg.get(key)
+        if not isinstance(section, dict) or section.get("enabled") != "auto":
+            continue
+        supported = accel.is_bf16_supported() if key == "bf16" else accel.is_fp16_supported()
+        taken = key == "fp16" and (cfg.get("bf16") or {}).get("enabled") is True
+        if on_accelerator() and supported and not taken:
+            cfg[key] = {**section, "enabled": True}
+        else:
+            del cfg[key]
+    return cfg
+
+
+def train_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype DeepSpeed trains (and holds ZeRO partitions) in: bf16, fp16 or fp32."""
+    if (ds_config.get("bf16") or {}).get("enabled") is True:
+        return torch.bfloat16
+    if (ds_config.get("fp16") or {}).get("enabled") is True:
+        return torch.float16
+    return torch.float32
+
+
+def merge_ds_config(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """``base`` with a stage's ``deepspeed:`` mapping merged in (nested mappings merge key by key), precision
+    "auto" resolved again."""
+    def merge(a: dict, b: dict) -> dict:
+        out = copy.deepcopy(a)
+        for key, value in b.items():
+            out[key] = merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) \
+                else copy.deepcopy(value)
+        return out
+    return resolve_precision(merge(base, override)) if override else base
+
+
+def ds_config_notes(ds_config: dict[str, Any], chain_sets_grad_clip: bool) -> list[str]:
+    """Where the user's ds_config takes over from the chain's settings, said before any compute."""
+    notes = []
+    if "scheduler" in ds_config:
+        notes.append(f"the ds_config's scheduler ({ds_config['scheduler'].get('type', '?')}) is used; the chain's "
+                     "warmup_steps / min_lr_ratio (compt's warmup+cosine) are ignored")
+    if "gradient_clipping" in ds_config:
+        notes.append(f"the ds_config's gradient_clipping {ds_config['gradient_clipping']} is used"
+                     + ("; the chain's grad_clip is ignored" if chain_sets_grad_clip else ""))
+    return notes
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -37,10 +102,12 @@ def stage_ds_config(base: dict[str, Any], settings: TrainSettings, total_steps: 
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = opt.setdefault("params", {})
     params.update(lr=settings.lr, betas=list(settings.betas), eps=settings.eps, weight_decay=settings.weight_decay)
-    if opt["type"].lower() in ("adam", "adamw") and not torch.cuda.is_available():
+    if opt["type"].lower() in ("adam", "adamw") and not on_accelerator():
         # DeepSpeed's fused Adam needs CUDA; torch's AdamW is the CPU path.
         params.setdefault("torch_adam", True)
     warmup = min(settings.warmup_steps, max(total_steps - 1, 0))
+    if "scheduler" in base:  # the user's own schedule wins (said before compute: ds_config_notes)
+        return _clipping(cfg, base, settings)
     cfg["scheduler"] = {
         "type": "WarmupCosineLR",
         "params": {
@@ -51,7 +118,11 @@ def stage_ds_config(base: dict[str, Any], settings: TrainSettings, total_steps: 
             "warmup_type": "linear",
         },
     }
-    if settings.grad_clip is not None:
+    return _clipping(cfg, base, settings)
+
+
+def _clipping(cfg: dict[str, Any], base: dict[str, Any], settings: TrainSettings) -> dict[str, Any]:
+    if settings.grad_clip is not None and "gradient_clipping" not in base:  # the ds_config's own value wins
         cfg["gradient_clipping"] = settings.grad_clip
     return cfg
 
@@ -74,3 +145,19 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay
         model=model, model_parameters=param_groups(model, weight_decay, no_decay), config=ds_config
     )
     return engine
+
+
+def batch_problems(cfg, ds_base: dict[str, Any], world: int, dataset_size: int | None = None) -> list[str]:
+    """Each stage's global batch against the rank count x gradient accumulation (known once ranks exist) and,
+    given, the training set's size: said before any stage starts instead of failing inside one."""
+    problems = []
+    for k, stage in enumerate(cfg.stages):
+        batch = stage.settings(cfg.defaults).batch_size
+        gas = int(merge_ds_config(ds_base, stage.deepspeed).get("gradient_accumulation_steps", 1))
+        if batch % (world * gas):
+            problems.append(f"stages.{k} ({stage.name}): batch_size {batch} is not divisible by ranks x "
+                            f"gradient_accumulation_steps ({world} x {gas}); pick a multiple of {world * gas}")
+        if dataset_size is not None and batch > dataset_size:
+            problems.append(f"stages.{k} ({stage.name}): batch_size {batch} is larger than the training set "
+                            f"({dataset_size} samples); lower batch_size")
+    return problems

@@ -1,5 +1,6 @@
-"""What every family's export shares: reading a finished run or stage (manifest, weights checked
-against their sha256), building the output in a temporary folder renamed into place, the Hub upload.
+"""What every family's export shares: reading a finished run or stage (manifest paths kept inside the
+run, weights checked against their sha256 and against the tensors of the stage's model), building the
+output in a temporary folder renamed into place, the Hub upload.
 
 A family's export module (compt/<family>/export.py) reads its own stage configs, writes its own
 formats and cards, and has the same API: FORMATS, DEFAULT_FORMAT, read_stage, read_run, export, claims.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from compt.rundir import RunDirError, contained_path
 from compt.weights import sha256_file
 
 
@@ -63,19 +65,32 @@ def read_json(path: Path, what: str) -> Any:
 def read_manifest(run: Path) -> dict[str, Any]:
     """The run's manifest.json, checked to be a compt run manifest."""
     manifest = read_json(run / "manifest.json", "run manifest")
-    if not isinstance(manifest.get("stages"), list) or "config" not in manifest:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), list) or "config" not in manifest \
+            or not all(isinstance(e, dict) for e in manifest["stages"]):
         raise ExportError(f"{run / 'manifest.json'} is not a compt run manifest (no 'stages'/'config')")
     return manifest
 
 
-def finished_weights(run: Path, entry: dict[str, Any]) -> tuple[str, Path]:
-    """(label, weights path) of a manifest entry marked done whose weights match their sha256."""
-    label = f"stage {Path(entry['dir']).name}"
+def entry_paths(run: Path, entry: dict[str, Any]) -> tuple[Path, Path]:
+    """(stage dir, weights) of a manifest entry, both inside ``run``; ExportError naming the entry otherwise."""
+    where = f"{run / 'manifest.json'} stage {entry.get('index', '?')}"
+    try:
+        stage_dir = contained_path(run, entry.get("dir"), f"{where} 'dir'")
+        weights = contained_path(run, entry.get("weights") or f"{entry['dir']}/model.safetensors", f"{where} 'weights'")
+    except RunDirError as e:
+        raise ExportError(str(e)) from None
+    return stage_dir, weights
+
+
+def finished_weights(run: Path, entry: dict[str, Any], action: str = "exported") -> tuple[str, Path]:
+    """(label, weights path) of a manifest entry marked done, its paths inside the run, whose weights
+    match their sha256."""
+    stage_dir, weights = entry_paths(run, entry)
+    label = f"stage {stage_dir.name}"
     if entry.get("status") != "done":
         raise ExportError(f"{label} has status '{entry.get('status')}' in {run / 'manifest.json'}; only finished "
-                          "('done') stages can be exported: finish the chain first (rerun the launcher with the "
+                          f"('done') stages can be {action}: finish the chain first (rerun the launcher with the "
                           "same --output)")
-    weights = run / (entry.get("weights") or f"{entry['dir']}/model.safetensors")
     if not weights.is_file():
         raise ExportError(f"{label}: weights file {weights} is missing")
     if not entry.get("sha256") or sha256_file(weights) != entry["sha256"]:
@@ -84,19 +99,76 @@ def finished_weights(run: Path, entry: dict[str, Any]) -> tuple[str, Path]:
     return label, weights
 
 
-def read_stage(stage_dir: str | Path, from_entry: EntryReader) -> FinishedStage:
-    """The stage at ``stage_dir``, which its run's manifest must list; ``from_entry`` (the family's)
-    reads and checks it."""
+def stage_entry(stage_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(run, manifest, entry) of the stage at ``stage_dir``, which its run's manifest must list."""
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         raise ExportError(f"{stage_dir} is not a directory; pass RUN_DIR/stages/<k>-<name>")
     run = stage_dir.resolve().parent.parent
     manifest = read_manifest(run)
-    entries = [e for e in manifest["stages"] if (run / e.get("dir", "")).resolve() == stage_dir.resolve()]
+    entries = [e for e in manifest["stages"]
+               if isinstance(e, dict) and (run / str(e.get("dir", ""))).resolve() == stage_dir.resolve()]
     if not entries:
         raise ExportError(f"{stage_dir} is not a stage listed in {run / 'manifest.json'}; "
                           "pass RUN_DIR/stages/<k>-<name>")
-    return from_entry(run, manifest, entries[0])
+    return run, manifest, entries[0]
+
+
+def model_tensors(family_name: str | None, model_cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor a stage of this family and config saves (built on the meta device,
+    named as the trainer writes them)."""
+    import torch
+
+    from compt.families import DEFAULT_FAMILY, family_of
+
+    family = family_of(family_name or DEFAULT_FAMILY)
+    with torch.device("meta"):
+        model = family.build(model_cfg, None)
+    out = {}
+    for name, p in model.named_parameters():
+        renamed = family.export_name(name, p) if family.is_exported(name) else None
+        if renamed is not None:
+            out[renamed[0]] = tuple(renamed[1].shape)
+    return out
+
+
+def check_tensors(label: str, weights: Path, family_name: str | None, model_cfg: dict[str, Any]) -> None:
+    """``weights`` is a valid safetensors file holding exactly the stage model's tensors (names and shapes):
+    a pickle, a malformed header or another model's file is refused before anything copies or loads it."""
+    from compt.weights import open_lazy
+
+    try:
+        with open_lazy(weights) as src:
+            got = {k: tuple(src.shape(k)) for k in src.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ExportError(f"{label}: weights file {weights} is not a valid safetensors file "
+                          f"({type(e).__name__}: {e}); retrain the stage (rerun the launcher with the same "
+                          "--output)") from None
+    try:
+        want = model_tensors(family_name, model_cfg)
+    except Exception as e:  # noqa: BLE001 - whatever the model library says about a bad config
+        raise ExportError(f"{label}: its config.json does not build a model ({type(e).__name__}: {e})") from None
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = sorted(f"{k} {list(got[k])} (config.json says {list(want[k])})"
+                   for k in set(want) & set(got) if got[k] != want[k])
+    if missing or unexpected or wrong:
+        parts = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if names]
+        raise ExportError(f"{label}: weights file {weights} does not hold the tensors of the model in its "
+                          f"config.json ({'; '.join(parts)}); retrain the stage (rerun the launcher with the same "
+                          "--output)")
+
+
+def _checked(stage: FinishedStage) -> FinishedStage:
+    check_tensors(f"stage {stage.folder}", stage.weights, stage.manifest["config"].get("family"), stage.model_cfg)
+    return stage
+
+
+def read_stage(stage_dir: str | Path, from_entry: EntryReader) -> FinishedStage:
+    """The stage at ``stage_dir``, which its run's manifest must list; ``from_entry`` (the family's)
+    reads and checks it; its weights must hold its model's tensors."""
+    return _checked(from_entry(*stage_entry(stage_dir)))
 
 
 def read_run(run_dir: str | Path, from_entry: EntryReader) -> list[FinishedStage]:
@@ -108,7 +180,7 @@ def read_run(run_dir: str | Path, from_entry: EntryReader) -> list[FinishedStage
     stages, problems = [], []
     for entry in manifest["stages"]:
         try:
-            stages.append(from_entry(run, manifest, entry))
+            stages.append(_checked(from_entry(run, manifest, entry)))
         except ExportError as e:
             problems.append(str(e))
     if problems:

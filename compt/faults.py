@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from compt.devices import collective_device
+
 # Below this many samples drawn, a stage only stops if the bad count already exceeds the
 # allowed fraction of this window (so a bad sample in the first batch does not stop it).
 MIN_WINDOW = 1000
@@ -24,7 +26,7 @@ class StageFailed(RuntimeError):
 
 
 def sum_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())  # NCCL reduces device tensors only
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()

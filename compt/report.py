@@ -59,3 +59,33 @@ def plot_loss(path: Path, curve: list[dict[str, float]], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_chain(path: Path, stages: list[dict], quality, title: str) -> None:
+    """Each stage's quality (the family's headline metric) against the chain's cumulative training FLOPs:
+    what each larger model bought, and at what total cost."""
+    points = [(m, m.get(quality.key)) for m in stages]
+    if not points or all(v is None for _, v in points):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total, xs = 0.0, []
+    for m, _ in points:
+        total += m["flops"]["total"]
+        xs.append(total)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    shown = [(x, v, m) for x, (m, v) in zip(xs, points) if v is not None]
+    ax.plot([x for x, _, _ in shown], [v for _, v, _ in shown], marker="o")
+    for x, v, m in shown:
+        ax.annotate(f"{m['stage']}-{m['name']}", (x, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.margins(x=0.1, y=0.15)  # room for the stage labels
+    ax.set_xlabel("cumulative training FLOPs of the chain")
+    ax.set_ylabel(f"{quality.label} ({'higher' if quality.higher_is_better else 'lower'} is better)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

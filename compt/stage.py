@@ -10,6 +10,7 @@ import gc
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,39 @@ from tqdm.auto import tqdm
 
 from compt.checkpoint import StageCheckpointer, StageInterrupted, StopRequest, any_rank
 from compt.config import ChainConfig
-from compt.engine import build_engine, stage_ds_config, zero_stage
+from compt.devices import placement
+from compt.engine import build_engine, merge_ds_config, stage_ds_config, zero_stage
 from compt.families import DEFAULT_FAMILY, Family, family_of
 from compt.faults import (Counters, StageFailed, bad_data_message, gather_examples, nonfinite_message,
                           sum_across_ranks, too_much_bad_data)
 from compt.kernels import expand_flat_slice
+from compt.metrics import ChainMonitor, LiveLog, summary_text
+from compt.loading import loader_options
 from compt.report import plot_loss, write_loss_csv
 from compt.rundir import RunDir, write_json
+from compt.stopping import signals_held, started_with_signals_held
 from compt.weights import open_lazy, save_zero3_module, sha256_file
+
+
+class StageClock:
+    """A stage's elapsed time, summed over the segments of an interrupted and resumed stage: ``wall_seconds``
+    (start to saved weights) and ``train_seconds`` (start to the end of the last step, build included)."""
+
+    def __init__(self):
+        self.start, self.train_end = time.time(), None
+        self.before = {"wall_seconds": 0.0, "train_seconds": 0.0}
+
+    def resume(self, elapsed: dict | None) -> None:
+        if elapsed:
+            self.before = {key: float(elapsed.get(key, 0.0)) for key in self.before}
+
+    def training_done(self) -> None:
+        self.train_end = time.time()
+
+    def state(self) -> dict[str, float]:
+        now = time.time()
+        return {"wall_seconds": self.before["wall_seconds"] + now - self.start,
+                "train_seconds": self.before["train_seconds"] + (self.train_end or now) - self.start}
 
 
 @dataclass
@@ -116,24 +142,40 @@ def grow_into(family: Family, model: torch.nn.Module, prev: StageResult, model_c
 
 def train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, curve: list, settings,
                 checkpointer: StageCheckpointer, client: dict, counters: Counters, max_bad_fraction: float,
-                label: str, rank: int, names: tuple[str, str]) -> None:
+                label: str, rank: int, names: tuple[str, str], live: LiveLog | None = None,
+                clock: StageClock | None = None, stop: StopRequest | None = None) -> None:
     """Steps ``start``..``steps``; appends to ``curve``; checkpoints and honours SIGTERM/SIGINT.
 
     A step whose loss is NaN/Inf on any rank is skipped (no backward, no optimizer step; with
     gradient accumulation the step applies the other micro-batches' gradients) and counted;
     past ``settings.max_nonfinite_steps`` the stage stops. Bad samples are counted as the
     loader reports them; past ``max_bad_fraction`` the stage saves a checkpoint and stops.
+    ``live``: every ``settings.log_every`` steps its record (throughput, MFU, ...) goes to metrics.jsonl,
+    the monitors and the progress bar (a plain line per record when stderr is not a terminal).
+    ``clock``: the stage's elapsed time, saved with each checkpoint so resumed stages report the sum.
+    ``stop``: the run's StopRequest, installed by the caller for longer than the loop (default: one for the loop).
     """
     gas = engine.gradient_accumulation_steps()
-    bar = tqdm(total=steps, initial=start, desc=label, disable=rank != 0, dynamic_ncols=True)
+    device, dtype = placement(engine)  # batches go where DeepSpeed put the model, floats in its training dtype
+    terminal = sys.stderr.isatty()
+    bar = tqdm(total=steps, initial=start, desc=label, disable=rank != 0 or not terminal, dynamic_ncols=True)
+    if live is not None:
+        live.start(start)
 
     def save(step: int) -> None:
-        checkpointer.save(step, {**client, "step": step, "curve": curve, "counters": counters.state()})
+        checkpointer.save(step, {**client, "step": step, "curve": curve, "counters": counters.state(),
+                                 **({"elapsed": clock.state()} if clock is not None else {})})
 
     engine.train()
     step_finite, step_bad = True, 0
-    with StopRequest() as stop:
-        for micro, batch in enumerate(loader):
+    with (nullcontext(stop) if stop is not None else StopRequest(rank)) as stop:
+        if stop.on_any_rank():  # came while the stage was built or grown: nothing new to checkpoint
+            bar.close()
+            raise StageInterrupted(f"{label}: stopped by {stop.reason} before step {start + 1}"
+                                   f"{f'; its checkpoint at step {start} is kept' if start else ''}, "
+                                   "run the same command again to resume")
+        for micro, batch in enumerate(started_with_signals_held(loader)):  # see compt.stopping.signals_held
+            batch = batch.to(device, dtype, non_blocking=True)
             parts = loss_step(engine, batch, teacher)
             step_bad += len(batch.bad)
             counters.remember(batch.bad)
@@ -167,7 +209,15 @@ def train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, cu
             step_finite, step_bad = True, 0
             bar.update(1)
             if step % settings.log_every == 0 or step == steps:
-                bar.set_postfix(loss=f"{total:.3f}", lr=f"{engine.get_lr()[0]:.2e}")
+                fields = {"loss": f"{total:.3f}", "lr": f"{engine.get_lr()[0]:.2e}"}
+                if live is not None:
+                    norm = engine.get_global_grad_norm()
+                    fields = summary_text(live.log(step, total, con, ali, engine.get_lr()[0],
+                                                   float(norm) if norm is not None else None))
+                bar.set_postfix(**fields)
+                if rank == 0 and not terminal:  # logs and pipes: one plain line, no carriage-return redraws
+                    print(f"{label}: step {step}/{steps} " + " ".join(f"{k} {v}" for k, v in fields.items()),
+                          flush=True)
             if too_much_bad_data(counters, max_bad_fraction, final=False):
                 bar.close()
                 save(step)
@@ -178,7 +228,7 @@ def train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, cu
                 save(step)
             if stopping:
                 bar.close()
-                raise StageInterrupted(f"{label}: stopped by signal {stop.signum} after step {step}; "
+                raise StageInterrupted(f"{label}: stopped by {stop.reason} after step {step}; "
                                         f"checkpoint saved, run the same command again to resume")
     bar.close()
     counters.examples = gather_examples(counters.examples)
@@ -188,13 +238,18 @@ def train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, cu
 
 
 def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: StageResult | None,
-                train_ds, val_ds) -> StageResult:
-    t0 = time.time()
+                train_ds, val_ds, monitor: ChainMonitor | None = None, peak: float | None = None,
+                stop: StopRequest | None = None) -> StageResult:
+    """``monitor``: the chain's DeepSpeed monitors; ``peak``: the device's bf16 peak TFLOP/s (for MFU).
+    ``stop``: the run's StopRequest, installed for the whole stage: a signal before the first step stops it
+    there, one during training checkpoints and stops, one during the evaluation or save waits for the save
+    (the caller then stops, and a rerun skips the stage)."""
+    clock = StageClock()
     rank, world = _rank_world()
     stage = cfg.stages[k]
     model_cfg, settings, transfer = cfg.model_cfg(k), stage.settings(cfg.defaults), cfg.transfer(k)
     steps = stage.budget.steps_for(len(train_ds), settings.batch_size)
-    ds_cfg = stage_ds_config(ds_base, settings, steps, world)
+    ds_cfg = stage_ds_config(merge_ds_config(ds_base, stage.deepspeed), settings, steps, world)
     zero3 = zero_stage(ds_cfg) == 3
     out_dir = run.stage_dir(k, stage.name)
     ckpt_dir = out_dir / "checkpoints"
@@ -214,7 +269,12 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     if prev is not None and transfer.init != "none" and not resuming:
         seed = transfer.seed if transfer.seed is not None else cfg.seed + k
         grown = grow_into(family, model, prev, model_cfg, transfer, seed, zero3, cfg.kernels)
+    if stage.activation_checkpointing:
+        family.enable_activation_checkpointing(model)
     engine = build_engine(model, ds_cfg, settings.weight_decay, family.no_decay)
+    device, dtype = placement(engine)
+    if teacher is not None:  # frozen, in the training dtype, beside the student
+        teacher = teacher.to(device=device, dtype=dtype)
     checkpointer = StageCheckpointer(engine, ckpt_dir, settings.checkpoint_every_steps, settings.checkpoint_minutes,
                                      settings.keep_checkpoints, rank)
 
@@ -223,10 +283,14 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     if client is None:
         client = {"step": 0, "curve": [], "metrics": {"grown_tensors": grown}}
         if prev is not None:
-            probe = teacher if teacher is not None else family.load_teacher(prev.model_cfg, prev.weights)
-            client["metrics"].update(family.init_metrics(engine, prev.model_cfg, probe, model_cfg, val_ds, cfg))
-    elif rank == 0:
-        print(f"stage {k} {stage.name}: resuming from checkpoint at step {client['step']}")
+            probe = teacher if teacher is not None else family.load_teacher(prev.model_cfg, prev.weights).to(
+                device=device, dtype=dtype)
+            with signals_held():  # its data workers start safe from group signals
+                client["metrics"].update(family.init_metrics(engine, prev.model_cfg, probe, model_cfg, val_ds, cfg))
+    else:
+        clock.resume(client.get("elapsed"))
+        if rank == 0:
+            print(f"stage {k} {stage.name}: resuming from checkpoint at step {client['step']}")
     metrics: dict[str, Any] = {"stage": k, "name": stage.name, "family": family.name, "steps": steps,
                                "global_batch": settings.batch_size, "ranks": world,
                                "transfer": transfer.model_dump() if transfer else None, **client["metrics"]}
@@ -235,23 +299,32 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     loader = family.train_loader(train_ds, model_cfg, prev.model_cfg if use_teacher else None,
                                  global_batch=settings.batch_size, steps=steps, rank=rank, world=world,
                                  gas=engine.gradient_accumulation_steps(), seed=cfg.seed + k,
-                                 start_step=client["step"])
+                                 start_step=client["step"], **loader_options(cfg.data, engine.device))
     curve = list(client["curve"])
     counters = Counters.from_state(client.get("counters"))
+    student_per_sample = family.sample_flops(model_cfg, cfg.data)[0]
+    teacher_per_sample = family.sample_flops(prev.model_cfg, cfg.data)[1] if use_teacher else 0
+    before = sum(s.budget.steps_for(len(train_ds), s.settings(cfg.defaults).batch_size)
+                 * s.settings(cfg.defaults).batch_size for s in cfg.stages[:k])
+    live = LiveLog(out_dir / "metrics.jsonl", rank=rank, world=world, global_batch=settings.batch_size,
+                   flops_per_sample=student_per_sample + teacher_per_sample,
+                   tokens_per_sample=family.tokens_per_sample(cfg.data), peak=peak, chain_samples_before=before,
+                   names=family.curve_names, monitor=monitor)
     train_loop(engine, loader, family.loss(transfer.alpha if use_teacher else None, transfer, rank, world,
                                             cfg.kernels), teacher,
                 steps=steps, start=client["step"], curve=curve, settings=settings, checkpointer=checkpointer,
                 client={"metrics": client["metrics"]}, counters=counters,
                 max_bad_fraction=getattr(cfg.data, "max_bad_fraction", 0.0), label=f"stage {k} {stage.name}",
-                rank=rank, names=family.curve_names)
+                rank=rank, names=family.curve_names, live=live, clock=clock, stop=stop)
     metrics.update(counters.metrics())
-    train_seconds = time.time() - t0
+    clock.training_done()
 
     # Evaluate, count, save.
-    metrics.update(family.evaluate(engine, val_ds, model_cfg, cfg))
+    with signals_held():  # its data workers start safe from group signals; a stop waits for the save anyway
+        metrics.update(family.evaluate(engine, val_ds, model_cfg, cfg))
     samples = steps * settings.batch_size
-    student_flops = family.sample_flops(model_cfg, cfg.data)[0] * samples
-    teacher_flops = family.sample_flops(prev.model_cfg, cfg.data)[1] * samples if use_teacher else 0
+    student_flops = student_per_sample * samples
+    teacher_flops = teacher_per_sample * samples
     metrics["samples_seen"] = samples
     metrics["flops"] = {"student_train": student_flops, "teacher_forward": teacher_flops,
                         "total": student_flops + teacher_flops}
@@ -262,9 +335,8 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     weights = out_dir / "model.safetensors"
     try:
         sha = save_zero3_module(engine.module, weights, metadata={"format": "pt", "compt_stage": stage.name},
-                                rename=family.export_name)
-        metrics["wall_seconds"] = time.time() - t0
-        metrics["train_seconds"] = train_seconds
+                                rename=family.export_name, fp32_master=dtype != torch.float32)
+        metrics.update(clock.state())  # wall_seconds, train_seconds: summed over every resumed segment
         if rank == 0:
             family.write_config(out_dir / "config.json", model_cfg)
             write_loss_csv(out_dir / "loss.csv", curve)
@@ -292,13 +364,13 @@ def finished_stage(run: RunDir, cfg: ChainConfig, k: int) -> StageResult | None:
     entry = manifest["stages"][k] if manifest else None
     if not entry or entry["status"] != "done":
         return None
-    weights = run.root / entry["weights"]
+    weights = run.entry_path(entry, "weights")  # RunDirError when it leads outside the run directory
     if not weights.is_file() or sha256_file(weights) != entry["sha256"]:
         if _rank_world()[0] == 0:
             what = "is missing" if not weights.is_file() else "does not match the sha256 in the manifest (corrupt)"
             print(f"warning: stage {k} {entry['name']}: {weights} {what}; training the stage again", file=sys.stderr)
         return None
-    out_dir = run.root / entry["dir"]
+    out_dir = run.entry_path(entry, "dir")
     metrics = json.loads((out_dir / "metrics.json").read_text())
     return StageResult(k, entry["name"], cfg.model_cfg(k), out_dir, weights, entry["sha256"], metrics)
 

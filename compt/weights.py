@@ -36,6 +36,8 @@ for _attr, _code in [("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
         _DTYPES[getattr(torch, _attr)] = _code
 
 _CHUNK = 1 << 20
+# The safetensors header's dtype names (the format's spec) for the float dtypes compt reads or writes.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -194,6 +196,10 @@ class LazySafetensors:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle.get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype, read from the header (no tensor data is loaded)."""
+        return SAFETENSORS_DTYPES[self._handle.get_slice(name).get_dtype()]
+
     def metadata(self) -> dict[str, str]:
         return self._handle.metadata() or {}
 
@@ -214,6 +220,7 @@ def save_zero3_module(
     path: str | os.PathLike,
     metadata: dict[str, str] | None = None,
     rename: Rename | None = None,
+    fp32_master: bool = False,
 ) -> str | None:
     """Save ``module``'s parameters (not buffers) as float32 safetensors at ``path``.
 
@@ -226,6 +233,10 @@ def save_zero3_module(
     by calling ``rename`` on a meta tensor of the parameter's full shape, so
     ``rename`` must be a function of name, shape and dtype only and must work on
     meta tensors (reshape/squeeze/to do).
+
+    ``fp32_master``: a mixed-precision engine's module (bf16/fp16 parameters): write each trained parameter
+    from the optimizer's fp32 master copy (``deepspeed.utils.safe_get_full_fp32_param``, collective
+    under ZeRO-3), not its rounded bf16/fp16 value; parameters without one are gathered as usual.
 
     Returns the file's sha256 on rank 0, None elsewhere. When torch.distributed is
     initialised, ends with a barrier so the file exists once any rank returns.
@@ -250,12 +261,17 @@ def save_zero3_module(
 
     try:
         for name, p in params:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if writer is not None:
-                    tensor = p.detach().to(device="cpu", dtype=torch.float32).clone()
-                    renamed = rename(name, tensor) if rename else (name, tensor)
-                    if renamed is not None:
-                        writer.write(*renamed)
+            master = deepspeed.utils.safe_get_full_fp32_param(p) if fp32_master else None
+            if master is not None:
+                tensor = master.detach().to(device="cpu", dtype=torch.float32).reshape(
+                    tuple(getattr(p, "ds_shape", p.shape)))
+            else:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    tensor = p.detach().to(device="cpu", dtype=torch.float32).clone() if writer is not None else None
+            if writer is not None:
+                renamed = rename(name, tensor) if rename else (name, tensor)
+                if renamed is not None:
+                    writer.write(*renamed)
         digest = writer.close() if writer is not None else None
     except BaseException:
         if writer is not None:

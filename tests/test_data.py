@@ -2,6 +2,7 @@
 import csv
 import io
 import pickle
+import re
 import tarfile
 
 import pytest
@@ -146,6 +147,139 @@ def test_webdataset_rejects_remote_urls():
         build_dataset(cfg, "train")
 
 
+def _damaged_shard(path, how: str) -> tuple[int, list[str]]:
+    """An 8-sample shard damaged as ``how`` says: (byte offset of the damage, captions that survive)."""
+    names = ["cat", "dog", "owl"] * 3
+    write_shard(path, [(f"s/{i:03d}", names[i], f"caption {i}", i % 3) for i in range(8)])
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        members = {m.name: m for m in tar}
+    png, txt = members["s/005.png"], members["s/005.txt"]
+    if how == "truncated_in_data":  # cut inside the image of sample 5
+        data, at, kept = data[: png.offset_data + 20], png.offset, range(5)
+    elif how == "truncated_in_header":  # cut inside the caption's header of sample 5
+        data, at, kept = data[: txt.offset + 100], txt.offset, range(5)
+    elif how == "garbage":  # sample 5's caption header overwritten: the rest of the shard must still be read
+        data = data[: txt.offset] + bytes(range(7, 207)) * 3 + data[txt.offset + 600:]
+        at, kept = txt.offset, [0, 1, 2, 3, 4, 6, 7]
+    else:  # truncated at a member boundary: no end-of-archive marker
+        data, at, kept = data[: txt.offset], len(data[: txt.offset]), range(5)
+    path.write_bytes(data)
+    return at, [f"caption {i}" for i in kept]
+
+
+@pytest.mark.parametrize("how", ["truncated_in_data", "truncated_in_header", "garbage", "no_end_marker"])
+def test_webdataset_damage_is_a_bad_sample_named_by_shard_and_offset(tmp_path, how):
+    """A damaged shard used to raise a bare tarfile.ReadError (truncated data) or silently lose the rest of
+    the shard (truncated header, garbage). Now every readable sample is kept and the damage is one bad
+    sample: reading it raises, and describe() names the shard and the byte, as for an unreadable image."""
+    write_shard(tmp_path / "shard-000.tar", [("a/000", "cat", "good shard", 0)])
+    at, kept = _damaged_shard(tmp_path / "shard-001.tar", how)
+    ds = build_dataset(DataConfig(kind="webdataset", train=str(tmp_path / "shard-{000..001}.tar"),
+                                  val=str(tmp_path)), "train")
+    good, bad = [], []
+    for i in range(len(ds)):
+        try:
+            good.append(ds[i].caption)
+        except Exception as e:  # noqa: BLE001 - what the loader catches and counts
+            bad.append((ds.describe(i), str(e)))
+    assert good == ["good shard", *kept]
+    assert len(bad) == 1, bad
+    where, why = bad[0]
+    assert where == f"{tmp_path / 'shard-001.tar'} (byte {at})", bad
+    assert ("truncated" if how != "garbage" else "unreadable data") in why, why
+    assert pickle.loads(pickle.dumps(ds)).describe(len(ds) - 1) == ds.describe(len(ds) - 1)
+
+
+def test_webdataset_file_that_is_no_tar_is_still_a_config_error(tmp_path):
+    (tmp_path / "x.tar").write_bytes(b"\x1f\x8b" + bytes(range(256)) * 8)  # gzip magic, no tar header anywhere
+    with pytest.raises(ValueError, match="not an uncompressed tar"):
+        build_dataset(DataConfig(kind="webdataset", train=str(tmp_path / "x.tar"), val=str(tmp_path)), "train")
+
+
+def test_csv_bad_rows_are_bad_samples_named_by_row(tmp_path):
+    """One non-UTF-8 byte, one caption over 131072 characters or one unparsable row used to kill the
+    whole dataset with a traceback naming no row; now each is one bad sample naming its row."""
+    from compt.data.csv import FIELD_LIMIT, MAX_CAPTION_CHARS
+
+    solid("cat").save(tmp_path / "a.png")
+    lines = [b"filepath\ttitle\tlabel", b"a.png\ta cat\t0",
+             "a.png\tcaf\u00e9 cat\t0".encode("latin-1"),  # row 3: a latin-1 byte
+             b"a.png\t" + b"x" * (MAX_CAPTION_CHARS + 1) + b"\t0",  # row 4: over-long caption
+             b"a.png",  # row 5: no caption field
+             b"a.png\t" + b"y" * (FIELD_LIMIT + 1) + b"\t0",  # row 6: beyond even the raised csv limit
+             b"", b"a.png\tthe last cat"]  # a blank line, then row 8 without its (optional) label
+    (tmp_path / "t.csv").write_bytes(b"\n".join(lines) + b"\n")
+    ds = build_dataset(DataConfig(kind="csv", train=str(tmp_path / "t.csv"), val=str(tmp_path / "t.csv")), "train")
+    assert len(ds) == 6
+    assert (ds[0].caption, ds[0].label) == ("a cat", 0) and (ds[5].caption, ds[5].label) == ("the last cat", -1)
+    assert ds.describe(5) == f"{tmp_path / 'a.png'} ({tmp_path / 't.csv'} row 8)"
+    for i, row, why in [(1, 3, "not valid UTF-8"), (2, 4, f"over the {MAX_CAPTION_CHARS} allowed"),
+                        (3, 5, "1 field(s)"), (4, 6, "unparsable")]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            ds[i]
+        assert ds.describe(i) == f"{tmp_path / 't.csv'} row {row}"
+    assert pickle.loads(pickle.dumps(ds)).describe(4) == ds.describe(4)
+
+
+def _digit_shards(root, counts: dict[str, int]) -> dict[str, list[tarfile.TarInfo]]:
+    """Webdataset shards of real handwritten digits (png, txt, cls): name -> its members."""
+    from sklearn.datasets import load_digits
+
+    digits, i, members = load_digits(), 0, {}
+    for name, n in counts.items():
+        with tarfile.open(root / name, "w") as tar:
+            for _ in range(n):
+                buf = io.BytesIO()
+                Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).convert("RGB").resize((16, 16)) \
+                    .save(buf, format="PNG")
+                label = int(digits.target[i])
+                for ext, data in (("png", buf.getvalue()), ("txt", f"a handwritten digit {label}".encode()),
+                                  ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                i += 1
+        with tarfile.open(root / name) as tar:
+            members[name] = tar.getmembers()
+    return members
+
+
+def test_damaged_shards_go_through_the_bad_sample_counter_and_its_threshold(tmp_path, chain_dict):
+    """Through the launcher: garbage in the middle of a shard and a shard truncated inside member data
+    used to be a silent loss and a tarfile.ReadError; now both are bad samples, counted per stage and
+    named by shard and byte, and data.max_bad_fraction (default 1%) stops the stage."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import DS, REPO, tiny_model, write_chain
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    members = _digit_shards(data, {"train-000.tar": 40, "train-001.tar": 40, "val-000.tar": 30})
+    shard = data / "train-001.tar"
+    raw = shard.read_bytes()
+    garbage_at = members["train-001.tar"][3 * 10 + 1].offset  # sample 10's caption header
+    cut_in = members["train-001.tar"][3 * 30]  # sample 30's image
+    raw = raw[: garbage_at] + bytes(range(7, 207)) * 3 + raw[garbage_at + 600: cut_in.offset_data + 30]
+    shard.write_bytes(raw)
+    chain_dict["stages"] = chain_dict["stages"][:1]
+    chain_dict["stages"][0].update(model=tiny_model(32, 1), budget={"steps": 4})
+    chain_dict["data"] = {"kind": "webdataset", "train": str(data / "train-{000..001}.tar"),
+                          "val": str(data / "val-000.tar"), "classnames": [str(d) for d in range(10)]}
+    chain = write_chain(tmp_path / "chain.yaml", chain_dict)
+    proc = subprocess.run([sys.executable, "launch/chain.py", "--chain", str(chain), "--ds_config", DS,
+                           "--output", str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "samples drawn so far were unreadable" in proc.stderr and "above data.max_bad_fraction" in proc.stderr
+    assert f"{shard} (byte {garbage_at}): ValueError: unreadable data" in proc.stderr
+    assert f"{shard} (byte {cut_in.offset}): ValueError: member {cut_in.name} is truncated" in proc.stderr
+    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"][0]
+    assert entry["status"] == "failed" and "max_bad_fraction" in entry["error"]
+
+
 # --- hf ---------------------------------------------------------------------
 
 def test_hf_saved_dataset_and_dataset_dict(tmp_path):
@@ -185,6 +319,16 @@ def test_hf_without_label_column(tmp_path):
                                   classnames=["dog"]), "train")
     assert ds[0].label == -1 and ds[0].caption == "a dog" and ds.classnames == ["dog"]
     assert_color(ds[0].image, "dog")
+
+
+def test_hf_bad_rows_are_named_by_dataset_and_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"image": [solid("dog"), None], "caption": ["a dog", "no image"]}).save_to_disk(
+        str(tmp_path / "d"))
+    ds = build_dataset(DataConfig(kind="hf", train=str(tmp_path / "d"), val=str(tmp_path / "d")), "train")
+    with pytest.raises(Exception):
+        ds[1]
+    assert ds.describe(1) == f"{tmp_path / 'd'} row 1"
 
 
 # --- config -----------------------------------------------------------------

@@ -14,14 +14,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from compt.cli import main
 from compt.clip.export import to_transformers_state_dict, transformers_config, transformers_problem
 from compt.clip.hf_tokenizer import clip_tokenizer
 from compt.clip.model import build_clip, export_name_and_tensor, load_into, preprocess_for, write_model_config
 from compt.config import ChainConfig
-from compt.weights import save_zero3_module
+from compt.weights import save_zero3_module, sha256_file
 
 CTX = 16  # the demo chain's text context length (not open_clip's default 77)
 TEXTS = ["a photo of the number 3", "7", "It's a HANDWRITTEN digit, isn't it?",
@@ -260,8 +260,16 @@ def _set_status(run: Path, index: int, status: str) -> None:
     (run / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _set_entry(run: Path, index: int, **fields) -> None:
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"][index].update(fields)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("problem", ["not_done", "missing_weights", "corrupt_weights", "out_not_empty",
-                                     "transformers_unsupported"])
+                                     "transformers_unsupported", "weights_outside_run", "weights_absolute",
+                                     "pickle_weights", "malformed_header", "foreign_tensors", "out_is_a_file",
+                                     "out_is_the_stage"])
 def test_bad_input_is_a_clear_error_and_writes_nothing(run_dir, tmp_path, capsys, problem):
     stage = _copy_run(run_dir, tmp_path / "run", "2-c" if problem == "transformers_unsupported" else "0-a")
     out = tmp_path / "exports" / "model"
@@ -281,6 +289,34 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(run_dir, tmp_path, capsys
         out.mkdir(parents=True)
         (out / "keep.txt").write_text("mine")
         expected = "not an empty directory"
+    elif problem in ("weights_outside_run", "weights_absolute"):
+        # A manifest naming a file outside the run, with that file's sha256: never exported.
+        victim = tmp_path / "secret.safetensors"
+        shutil.copy(stage / "model.safetensors", victim)
+        rel = "../secret.safetensors" if problem == "weights_outside_run" else str(victim)
+        _set_entry(tmp_path / "run", 0, weights=rel, sha256=sha256_file(victim))
+        expected = f"stage 0 'weights' is {rel!r}, which leads outside"
+    elif problem in ("pickle_weights", "malformed_header", "foreign_tensors"):
+        # The weights replaced and the manifest's sha256 updated to match: still refused.
+        weights = stage / "model.safetensors"
+        if problem == "pickle_weights":
+            torch.save({"visual.proj": torch.zeros(2)}, weights)
+            expected = "is not a valid safetensors file"
+        elif problem == "malformed_header":
+            weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+            expected = "is not a valid safetensors file"
+        else:
+            save_file({"visual.proj": torch.zeros(2, 2), "extra": torch.zeros(1)}, str(weights))
+            expected = "does not hold the tensors of the model in its config.json (missing: "
+        _set_entry(tmp_path / "run", 0, sha256=sha256_file(weights))
+        args += ["--format", "open_clip"]
+    elif problem == "out_is_a_file":
+        out.parent.mkdir(parents=True)
+        out.write_text("mine")
+        expected = "already exists and is not an empty directory"
+    elif problem == "out_is_the_stage":
+        args[args.index("--out") + 1] = str(stage)
+        expected = "already exists and is not an empty directory"
     else:
         args += ["--format", "transformers"]
         expected = "cannot express vision_cfg.no_ln_pre"
@@ -356,3 +392,34 @@ def test_format_choices_are_every_familys_formats(capsys):
     formats = [f for family in all_families() for f in family.exporter().FORMATS]
     assert sorted(listed) == sorted(set(formats))
     assert all(family.exporter().DEFAULT_FORMAT in family.exporter().FORMATS for family in all_families())
+
+
+@pytest.mark.parametrize("problem", ["corrupt_weights", "weights_outside_run", "foreign_tensors"])
+def test_compt_eval_verifies_the_manifest_sha256_and_the_tensors(run_dir, tmp_path, capsys, problem):
+    """compt eval scores only the weights the manifest recorded: a flipped byte, a file outside the run or
+    another model's tensors are refused (exit 2), never evaluated."""
+    stage = _copy_run(run_dir, tmp_path / "run", "0-a")
+    weights = stage / "model.safetensors"
+    if problem == "corrupt_weights":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        expected = "does not match the sha256 in the manifest"
+    elif problem == "weights_outside_run":
+        shutil.copy(weights, tmp_path / "elsewhere.safetensors")
+        _set_entry(tmp_path / "run", 0, weights="../elsewhere.safetensors",
+                   sha256=sha256_file(tmp_path / "elsewhere.safetensors"))
+        expected = "stage 0 'weights' is '../elsewhere.safetensors', which leads outside"
+    else:
+        save_file({"visual.proj": torch.zeros(2, 2)}, str(weights))
+        _set_entry(tmp_path / "run", 0, sha256=sha256_file(weights))
+        expected = "does not hold the tensors of the model in its config.json"
+    assert main(["eval", str(stage)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err, err
+
+
+def test_compt_eval_of_an_intact_stage_still_works(run_dir, tmp_path, capsys):
+    stage = _copy_run(run_dir, tmp_path / "run", "0-a")
+    assert main(["eval", str(stage), "--json"]) == 0
+    assert "zeroshot_top1" in json.loads(capsys.readouterr().out)

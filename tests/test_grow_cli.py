@@ -163,3 +163,47 @@ def test_an_existing_output_is_left_untouched_on_error(small_run):
     out.write_bytes(b"previous")
     assert grow(tmp_path, ckpt="nope.safetensors") == 2
     assert out.read_bytes() == b"previous"
+
+
+def test_an_existing_output_is_replaced_only_with_force(small_run, capsys):
+    tmp_path, _ = small_run
+    out = tmp_path / "large.safetensors"
+    out.write_bytes(b"previous")
+    assert grow(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already exists; pass --force to replace it" in err, err
+    assert out.read_bytes() == b"previous"
+    assert grow(tmp_path, "--force") == 0
+    load_large(out)
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["plain", "force"])
+@pytest.mark.parametrize("target", ["small.safetensors", "small.json", "large.json"])
+def test_grow_never_writes_over_its_own_input(small_run, capsys, target, force):
+    """--out naming --from-checkpoint (or a config it reads) is refused even with --force."""
+    tmp_path, _ = small_run
+    before = (tmp_path / target).read_bytes()
+    assert grow(tmp_path, *force, out=target) == 2
+    err = capsys.readouterr().err
+    assert "is the same file as --from-" in err or "is the same file as --to-config" in err, err
+    assert "overwrite its own input" in err
+    assert (tmp_path / target).read_bytes() == before
+
+
+def test_grow_keeps_the_source_dtype_unless_told(small_run):
+    """fp64 in, fp64 out (exact growth is then exact to float64 rounding); --dtype chooses another."""
+    tmp_path, small = small_run
+    save_file({k: v.double().contiguous() for k, v in small.state_dict().items()}, str(tmp_path / "small64.safetensors"))
+    assert grow(tmp_path, ckpt="small64.safetensors", out="l64.safetensors") == 0
+    big = load_file(str(tmp_path / "l64.safetensors"))
+    assert {t.dtype for t in big.values()} == {torch.float64}
+    large = open_clip.CLIP(**LARGE).double().eval()
+    large.load_state_dict(big, strict=True)
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(large.encode_image(images)[:, :16], small.double().encode_image(images),
+                                   rtol=1e-10, atol=1e-10)
+    assert grow(tmp_path, "--dtype", "bfloat16", ckpt="small64.safetensors", out="l16.safetensors") == 0
+    assert {t.dtype for t in load_file(str(tmp_path / "l16.safetensors")).values()} == {torch.bfloat16}
+    assert grow(tmp_path, out="l32.safetensors") == 0  # a float32 source stays float32
+    assert {t.dtype for t in load_file(str(tmp_path / "l32.safetensors")).values()} == {torch.float32}

@@ -12,27 +12,33 @@ import torch.nn.functional as F
 
 from compt.clip.model import Preprocess
 from compt.clip.loader import eval_loader
+from compt.faults import StageFailed
+from compt.devices import placement, to_device
 
 
 @torch.no_grad()
 def _features(model, loader) -> tuple[torch.Tensor, list[str], torch.Tensor, list[str]]:
     """Image embeddings, captions and labels of every readable sample; descriptions of the unreadable ones."""
     images, captions, labels, bad = [], [], [], []
+    device, dtype = placement(model)
     for batch in loader:
         bad += batch.bad
         if not batch.captions:
             continue
-        images.append(model(batch.images, None)[0].float())
+        images.append(model(to_device(batch.images, device, dtype), None)[0].float().cpu())
         captions += batch.captions
         labels.append(batch.labels)
     if not images:
-        raise RuntimeError(f"no readable validation sample (e.g. {bad[0] if bad else 'empty split'}); check data.val")
+        raise StageFailed(f"no validation sample could be read (e.g. {bad[0] if bad else 'empty split'}); "
+                          "check data.val and the files it names")
     return torch.cat(images), captions, torch.cat(labels), bad
 
 
 @torch.no_grad()
 def _encode_texts(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
-    out = [model(None, tokenizer(texts[i:i + batch_size]))[1].float() for i in range(0, len(texts), batch_size)]
+    device = placement(model)[0]
+    out = [model(None, tokenizer(texts[i:i + batch_size]).to(device))[1].float().cpu()
+           for i in range(0, len(texts), batch_size)]
     return F.normalize(torch.cat(out), dim=-1)
 
 
@@ -47,8 +53,9 @@ def _recall(sim: torch.Tensor, correct: torch.Tensor, ks=(1, 5, 10)) -> dict[str
 
 @torch.no_grad()
 def evaluate(model, val_ds, pre: Preprocess, batch_size: int = 256, zeroshot: bool = True,
-             retrieval: bool = True) -> dict:
+             retrieval: bool = True, **options) -> dict:
     """Metrics dict: zeroshot_top1/top5 (None without class names) and retrieval R@k both ways.
+    ``options``: DataLoader kwargs for the validation images (compt.loading.loader_options).
 
     Retrieval candidates are the *distinct* captions: in datasets where several images share
     a caption (class templates) any image with that caption is a correct answer, which is
@@ -57,7 +64,7 @@ def evaluate(model, val_ds, pre: Preprocess, batch_size: int = 256, zeroshot: bo
     was_training = model.training
     model.eval()
     try:
-        img, captions, labels, bad = _features(model, eval_loader(val_ds, pre, batch_size))
+        img, captions, labels, bad = _features(model, eval_loader(val_ds, pre, batch_size, **options))
         metrics: dict = {"zeroshot_top1": None, "zeroshot_top5": None, "retrieval": None,
                          "val_samples": len(captions), "val_bad_samples": {"count": len(bad), "examples": bad[:5]}}
         if zeroshot and val_ds.classnames and (labels >= 0).all():
@@ -86,6 +93,8 @@ def evaluate(model, val_ds, pre: Preprocess, batch_size: int = 256, zeroshot: bo
 @torch.no_grad()
 def embedding_cosine(student, teacher, batch) -> dict[str, float]:
     """Mean cosine similarity between student and teacher embeddings on one batch."""
+    device, dtype = placement(student)
+    batch = batch.to(device, dtype)
     s, t = student(batch.images, batch.texts), teacher(*batch.teacher_inputs())
     s_img, s_txt = (s[3], s[4]) if len(s) >= 5 else (s[0], s[1])
     return {

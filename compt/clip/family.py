@@ -19,6 +19,7 @@ from compt.clip.model import (build_clip, export_name_and_tensor, load_into, mod
 from compt.data import DataConfig, build_dataset
 from compt.families import CostCounters, Quality
 from compt.growth import MODES
+from compt.loading import loader_options
 from compt.flops import format_flops
 from compt.loss import LossParts
 
@@ -108,6 +109,10 @@ class ClipFamily:
         ndim = len(getattr(p, "ds_shape", p.shape))  # under ZeRO-3 .shape is a flat stub; ds_shape the real one
         return ndim < 2 or "ln_" in name or name.endswith(".bias") or "embedding" in name or "logit_scale" in name
 
+    def enable_activation_checkpointing(self, model: torch.nn.Module) -> None:
+        """open_clip's own switch: both towers recompute each residual block in the backward pass."""
+        model.set_grad_checkpointing(True)
+
     def loss(self, alpha: float | None, transfer, rank: int, world: int, kernels: str):
         clip_loss = ChainLoss(alpha, rank, world, kernels)
 
@@ -133,18 +138,22 @@ class ClipFamily:
             first.teacher_images, first.teacher_texts = tb.images, tb.texts
         engine.eval()
         cosine = embedding_cosine(engine, probe, first)
-        init = evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, retrieval=False)
+        init = evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, retrieval=False,
+                        **loader_options(cfg.data, getattr(engine, "device", "cpu")))
         engine.train()
         return {"init_cosine": cosine, "init_zeroshot_top1": init["zeroshot_top1"]}
 
     def evaluate(self, engine, val_ds, model_cfg: dict, cfg) -> dict[str, Any]:
         return evaluate(engine, val_ds, preprocess_for(model_cfg), cfg.eval.batch_size, cfg.eval.zeroshot,
-                        cfg.eval.retrieval)
+                        cfg.eval.retrieval, **loader_options(cfg.data, getattr(engine, "device", "cpu")))
 
     def sample_flops(self, model_cfg: dict, data) -> tuple[int, int]:
         """(student train, teacher forward) FLOPs per training sample."""
         f = count_sample_flops(model_cfg)
         return f.train, f.forward
+
+    def tokens_per_sample(self, data) -> int | None:
+        return None  # throughput is images (samples) per second
 
     def export_name(self, name: str, tensor: torch.Tensor):
         return export_name_and_tensor(name, tensor)

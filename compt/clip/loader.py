@@ -4,17 +4,24 @@ takes its slice, and per-sample augmentation is seeded by (seed, epoch, index), 
 
 Bad samples (an image that cannot be read or decoded, an empty caption) never stop
 a batch: in training the next good sample in index order takes the bad one's place
-(so every rank's batch keeps its size, as the global contrastive loss needs); in
+(so every rank's batch keeps its size, as the global contrastive loss needs), past
+NEXT_IN_ORDER bad ones a sample drawn at random (a missing image folder is a long run
+of bad rows), and past MAX_TRIES a good sample of the same batch is repeated; in
 evaluation the bad sample is dropped. Either way the batch carries a description of
-each bad sample in ``Batch.bad`` for the trainer to count.
+each bad sample in ``Batch.bad`` for the trainer to count against data.max_bad_fraction.
+Only a training batch with no readable sample at all stops the stage here (StageFailed).
+Nothing depends on the number of loader workers: every choice is seeded by the sample.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, fields, replace
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from compt.clip.model import Preprocess
+from compt.faults import StageFailed
+from compt.devices import to_device
 from compt.sampler import GlobalBatchSampler
 
 
@@ -33,8 +40,20 @@ class Batch:
         return (self.teacher_images if self.teacher_images is not None else self.images,
                 self.teacher_texts if self.teacher_texts is not None else self.texts)
 
+    def to(self, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "Batch":
+        """The tensors the models read on ``device``, images in ``dtype`` (the training dtype)."""
+        move = lambda x: to_device(x, device, dtype, non_blocking)  # noqa: E731
+        return Batch(move(self.images), move(self.texts), move(self.teacher_images), move(self.teacher_texts),
+                     self.captions, self.labels, self.bad)
 
-MAX_CONSECUTIVE_BAD = 64
+    def pin_memory(self) -> "Batch":
+        """Page-locked tensors (DataLoader's pin_memory thread calls this) for non-blocking copies to a device."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+NEXT_IN_ORDER = 8  # a bad training sample is replaced by the next good one among this many that follow it,
+MAX_TRIES = 64  # then by one drawn at random: this many tries per sample in all, each bad one counted
 
 
 class _Seeded(Dataset):
@@ -65,45 +84,89 @@ class _Seeded(Dataset):
     def _bad(self, i: int, e: Exception) -> str:
         return f"{self.ds.describe(i) if hasattr(self.ds, 'describe') else f'sample {i}'}: {type(e).__name__}: {e}"
 
+    def _candidates(self, epoch: int, i: int) -> list[int]:
+        """Sample ``i``, then where a training sample's replacement is looked for: the samples after it in
+        index order, then samples drawn at random under a seed of (seed, epoch, i); every sample of a small
+        dataset."""
+        n = len(self.ds)
+        if not self.train:
+            return [i]
+        if n <= MAX_TRIES:
+            return [(i + j) % n for j in range(n)]
+        rng = random.Random(f"{self.seed}:{epoch}:{i}")  # a str seed hashes alike in every process
+        return [(i + j) % n for j in range(NEXT_IN_ORDER + 1)] + [rng.randrange(n)
+                                                                  for _ in range(MAX_TRIES - NEXT_IN_ORDER - 1)]
+
     def __getitem__(self, key):
-        """(item or None, bad-sample descriptions). Training replaces a bad sample by the next good one."""
+        """(item or None, bad-sample descriptions): None when sample ``i`` and every try in its place were bad."""
         epoch, i = key if isinstance(key, tuple) else (0, key)
         bad: list[str] = []
-        for j in range(i, i + min(len(self.ds), MAX_CONSECUTIVE_BAD)):
+        for j in self._candidates(epoch, i):
             try:
-                return self._item(epoch, j % len(self.ds)), bad
+                return self._item(epoch, j), bad
             except Exception as e:  # noqa: BLE001 - any decoding/reading failure is a bad sample
-                bad.append(self._bad(j % len(self.ds), e))
-                if not self.train:
-                    return None, bad
-        raise RuntimeError(f"{len(bad)} consecutive bad samples starting at index {i}, e.g. {bad[0]}; "
-                           "the data looks unreadable as a whole: check its paths and format")
+                bad.append(self._bad(j, e))
+        return None, bad
 
 
-def _collate(student: Preprocess, teacher: Preprocess | None):
-    def collate(pairs) -> Batch:
-        items = [it for it, _ in pairs if it is not None]
+class _Collate:
+    """(item or None, bad) pairs -> Batch. In training a slot left empty (every try bad) repeats one of the
+    batch's good items, so the batch keeps its size; in evaluation it is dropped. A class, not a closure:
+    loader workers started by spawn/forkserver receive it by pickle."""
+
+    def __init__(self, student: Preprocess, teacher: Preprocess | None, train: bool):
+        self.student, self.teacher, self.train = student, teacher, train
+
+    def __call__(self, pairs) -> Batch:
+        good = [it for it, _ in pairs if it is not None]
         bad = [b for _, descriptions in pairs for b in descriptions]
+        items = good
+        if self.train and good:  # a slot whose every try was bad repeats a good item of this batch
+            items = [it if it is not None else good[k % len(good)] for k, (it, _) in enumerate(pairs)]
         if not items:
             return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), captions=[],
                          labels=torch.empty(0, dtype=torch.long), bad=bad)
         captions = [it[1] for it in items]
-        batch = Batch(torch.stack([it[0] for it in items]), student.tokenizer(captions), captions=captions,
+        batch = Batch(torch.stack([it[0] for it in items]), self.student.tokenizer(captions), captions=captions,
                       labels=torch.tensor([it[2] for it in items]), bad=bad)
-        if teacher is not None and teacher.key != student.key:
+        if self.teacher is not None and self.teacher.key != self.student.key:
             batch.teacher_images = torch.stack([it[3] for it in items])
-            batch.teacher_texts = teacher.tokenizer(captions)
+            batch.teacher_texts = self.teacher.tokenizer(captions)
         return batch
-    return collate
+
+
+class TrainFeed:
+    """The training DataLoader, checked in the training process: a batch none of whose samples (nor the
+    tries in their place) could be read cannot be trained on, and says the data is unreadable as a whole."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if not batch.captions:
+                examples = "\n  ".join(batch.bad[:5])
+                raise StageFailed(
+                    f"no sample of a training batch could be read: all {len(batch.bad)} tried (the batch's own "
+                    "and those drawn in their place) were bad, and no data.max_bad_fraction allows a batch with "
+                    f"nothing to train on. Examples:\n  {examples}\nThe training data looks unreadable as a whole: "
+                    "check data.train and the files it names, then run the same command again (it resumes from "
+                    "the stage's last checkpoint, if any).")
+            yield batch
 
 
 def train_loader(ds, student: Preprocess, teacher: Preprocess | None, *, global_batch: int, steps: int,
-                 rank: int, world: int, gas: int, seed: int, workers: int = 0, start_step: int = 0) -> DataLoader:
+                 rank: int, world: int, gas: int, seed: int, start_step: int = 0, **options) -> TrainFeed:
+    """This rank's training batches; ``options`` are DataLoader kwargs (compt.loading.loader_options)."""
     sampler = GlobalBatchSampler(len(ds), global_batch, steps, rank, world, gas, seed, start_step)
-    return DataLoader(_Seeded(ds, student, teacher, seed, train=True), batch_sampler=sampler,
-                      collate_fn=_collate(student, teacher), num_workers=workers)
+    return TrainFeed(DataLoader(_Seeded(ds, student, teacher, seed, train=True), batch_sampler=sampler,
+                                collate_fn=_Collate(student, teacher, train=True), **options))
 
 
-def eval_loader(ds, pre: Preprocess, batch_size: int, workers: int = 0) -> DataLoader:
+def eval_loader(ds, pre: Preprocess, batch_size: int, **options) -> DataLoader:
+    """Validation batches in index order, bad samples dropped; ``options`` as for train_loader."""
     return DataLoader(_Seeded(ds, pre, None, 0, train=False), batch_size=batch_size, shuffle=False,
-                      collate_fn=_collate(pre, None), num_workers=workers)
+                      collate_fn=_Collate(pre, None, train=False), **options)

@@ -22,7 +22,8 @@ class ChainLoss:
         """``student`` is the model output: (image, text, logit_scale[, image_for_align, text_for_align]);
         the last two exist when the student projects to a different teacher embed_dim."""
         s_img, s_txt, logit_scale = student[:3]
-        contrastive = self.clip(s_img, s_txt, logit_scale.reshape(()))
+        # In fp32 whatever the training dtype: bf16 logits over a global batch lose the contrast (no-ops in fp32).
+        contrastive = self.clip(s_img.float(), s_txt.float(), logit_scale.reshape(()).float())
         if teacher is None or not self.alpha:
             return LossParts(contrastive, contrastive, None)
         a_img, a_txt = student[3:5] if len(student) >= 5 else (s_img, s_txt)

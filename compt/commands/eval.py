@@ -11,33 +11,34 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
-    from safetensors import SafetensorError
-
     from compt.config import ChainConfig
+    from compt.export import ExportError, check_tensors, finished_weights, stage_entry
     from compt.families import family_of
 
     stage_dir = Path(args.stage_dir)
-    files = {n: stage_dir / n for n in ("config.json", "model.safetensors")}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        print(f"error: {stage_dir} is not a finished stage directory (missing {', '.join(missing)}); "
+    config_path = stage_dir / "config.json"
+    if not config_path.is_file():
+        print(f"error: {stage_dir} is not a finished stage directory (missing {config_path}); "
               "pass RUN_DIR/stages/<k>-<name> of a stage whose status is 'done'", file=sys.stderr)
         return 2
-    run_dir = stage_dir.parent.parent
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        print(f"error: no manifest at {manifest_path}; the stage directory must sit inside its run directory",
-              file=sys.stderr)
+    # The weights the manifest lists for this stage, inside the run and matching its sha256, holding the
+    # tensors of the model config.json describes: a corrupt or foreign file is refused, not scored.
+    try:
+        run_dir, manifest, entry = stage_entry(stage_dir)
+        _, weights = finished_weights(run_dir, entry, action="evaluated")
+        cfg = ChainConfig.model_validate(manifest["config"])
+        model_cfg = json.loads(config_path.read_text())
+        check_tensors(f"stage {stage_dir.name}", weights, cfg.family, model_cfg)
+    except (ExportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = ChainConfig.model_validate(json.loads(manifest_path.read_text())["config"])
     if args.batch_size:
         cfg.eval.batch_size = args.batch_size
     family = family_of(cfg.family)
-    model_cfg = json.loads(files["config.json"].read_text())
     try:
-        model = family.load_teacher(model_cfg, files["model.safetensors"])
-    except (SafetensorError, ValueError) as e:
-        print(f"error: cannot load {files['model.safetensors']}: {e}", file=sys.stderr)
+        model = family.load_teacher(model_cfg, weights)
+    except (ValueError, RuntimeError) as e:  # safetensors' errors, missing/unexpected/mis-shaped tensors
+        print(f"error: cannot load {weights}: {e}", file=sys.stderr)
         return 2
     metrics = family.evaluate(model, family.val_data(cfg.data, run_dir), model_cfg, cfg)
     if args.json:

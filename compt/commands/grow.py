@@ -5,11 +5,12 @@ or LLaMA (transformers' LlamaForCausalLM); the family is read from the config fi
                --to-config LARGE.json --out LARGE.safetensors [--mode exact|official] [--noise F] [--seed N]
 
 CLIP configs are open_clip model configs (``embed_dim``, ``vision_cfg``, ``text_cfg``); the
-output holds every tensor of ``open_clip.CLIP(**json.load(LARGE.json))`` in float32 (stock 0-d
-logit_scale), so ``model.load_state_dict(safetensors.torch.load_file(OUT))`` loads it strictly.
+output holds every tensor of ``open_clip.CLIP(**json.load(LARGE.json))`` (stock 0-d logit_scale), so
+``model.load_state_dict(safetensors.torch.load_file(OUT))`` loads it strictly. Output tensors keep the
+source checkpoint's dtype (float64 in, float64 out) unless ``--dtype`` says otherwise.
 
 LLaMA configs are HF ``config.json`` files (``model_type: "llama"``, or a folder holding one).
-The output holds every stored tensor of LlamaForCausalLM in float32, as ``save_pretrained``
+The output holds every stored tensor of LlamaForCausalLM (in the source's dtype), as ``save_pretrained``
 writes them (no ``lm_head.weight`` when the embeddings are tied), and the grown model's
 config.json goes to ``--out-config`` (default: OUT with ``.config.json`` for its suffix). In
 ``exact`` mode that config is not always the ``--to-config``: exact growth sets the student's
@@ -18,7 +19,9 @@ the written config (``--out DIR/model.safetensors --out-config DIR/config.json``
 folder ``LlamaForCausalLM.from_pretrained`` reads).
 
 The small checkpoint is read one tensor at a time and the output is written tensor by tensor
-to ``OUT.tmp``, then renamed: on any error nothing is written.
+to ``OUT.tmp``, then renamed: on any error nothing is written. An existing OUT (or OUT config) is
+only replaced with ``--force``; an output that is one of the command's own input files is refused
+even then.
 
 ``official`` keeps the student's own init outside the copied blocks: that init is the
 family's initialisation of the large model on CPU after ``torch.manual_seed(--seed)``, so the
@@ -72,6 +75,29 @@ def _write_config(path: Path, cfg: dict) -> Path:
     return tmp
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _check_outputs(args: argparse.Namespace, outputs: list[tuple[Path, str]]) -> None:
+    """No output may be one of the inputs (not even with --force: the input is read while the output is
+    written), and none may replace an existing file without --force."""
+    inputs = [(Path(args.from_checkpoint), "--from-checkpoint"), (Path(args.from_config), "--from-config"),
+              (Path(args.to_config), "--to-config")]
+    for path, flag in outputs:
+        for source, source_flag in inputs:
+            if _same_file(path, source) or (source.is_dir() and _same_file(path, source / "config.json")):
+                raise GrowthRefused(f"{flag} {path} is the same file as {source_flag} {source}: growing would "
+                                    f"overwrite its own input; pick another {flag}")
+        if path.exists() and not args.force:
+            raise GrowthRefused(f"{flag} {path} already exists; pass --force to replace it, or pick another {flag}")
+        if path.is_dir():
+            raise GrowthRefused(f"{flag} {path} is a directory; give a file path")
+
+
 def _grow(args: argparse.Namespace) -> str:
     import torch
 
@@ -99,6 +125,7 @@ def _grow(args: argparse.Namespace) -> str:
             raise GrowthRefused(f"--out-config {out_config} is the same file as --out")
     if not Path(args.from_checkpoint).is_file():
         raise GrowthRefused(f"--from-checkpoint {args.from_checkpoint}: no such file")
+    _check_outputs(args, [(out, "--out"), *([(out_config, "--out-config")] if out_config is not None else [])])
 
     plans = job.plans
     config_tmp = None
@@ -125,7 +152,8 @@ def _grow(args: argparse.Namespace) -> str:
                                 + "; ".join(wrong[:8]))
 
         init = job.make_init() if any(p is None or p.needs_init() for p in plans.values()) else None
-        specs = [(name, shape, torch.float32) for name, shape in job.shapes.items()]
+        dtype = _out_dtype(args.dtype, small, needed)
+        specs = [(name, shape, dtype) for name, shape in job.shapes.items()]
         try:
             if out_config is not None:
                 config_tmp = _write_config(out_config, job.config)
@@ -133,7 +161,7 @@ def _grow(args: argparse.Namespace) -> str:
                 for name, shape in job.shapes.items():
                     plan = plans[name]
                     if plan is None:
-                        value = init[name].to(torch.float32)
+                        value = init[name].to(dtype)
                     else:
                         try:
                             teacher = {s: small.get(s) for s in plan.sources}
@@ -141,7 +169,7 @@ def _grow(args: argparse.Namespace) -> str:
                             raise GrowthRefused(f"--from-checkpoint {args.from_checkpoint}: cannot read tensor "
                                                 f"{plan.sources[0]} ({type(e).__name__}: {e})") from e
                         value = plan.dense(teacher, init=init[name] if plan.needs_init() else None,
-                                           dtype=torch.float32).reshape(shape)
+                                           dtype=dtype).reshape(shape)
                     writer.write(name, value)
                 digest = writer.close()
         except BaseException:
@@ -169,6 +197,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _out_dtype(choice: str, small, needed: list[str]):
+    """--dtype, or the source checkpoint's (float) dtype: fp64 in, fp64 out."""
+    from compt.weights import SAFETENSORS_DTYPES
+
+    if choice != "source":
+        return SAFETENSORS_DTYPES[DTYPES[choice]]
+    floats = [small.dtype(s) for s in needed if small.dtype(s).is_floating_point]
+    return floats[0] if floats else SAFETENSORS_DTYPES["F32"]
+
+
 def register(sub) -> None:
     from compt.growth import MODES
 
@@ -187,4 +228,9 @@ def register(sub) -> None:
     gr.add_argument("--noise", type=float, default=0.0,
                     help="exact: relative std of the symmetry-breaking noise (0 allowed)")
     gr.add_argument("--seed", type=int, default=0, help="seed of the counter-based noise and of official's init")
+    gr.add_argument("--dtype", choices=["source", *DTYPES], default="source",
+                    help="dtype of the written weights (default: the source checkpoint's; growth is computed in "
+                         "float64 either way)")
+    gr.add_argument("--force", action="store_true",
+                    help="replace an existing --out / --out-config (never one of the input files)")
     gr.set_defaults(func=run)

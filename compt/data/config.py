@@ -40,7 +40,7 @@ WHAT_TO_GIVE = {
 
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or inf is never a valid setting
 
     kind: Kind = "digits"
     train: str | None = None
@@ -60,6 +60,9 @@ class DataConfig(BaseModel):
     # Unreadable/corrupt/missing images and empty captions are skipped and counted; a stage
     # stops when more than this fraction of the samples it has drawn were bad.
     max_bad_fraction: float = 0.01
+    # Processes per rank that read and decode samples (0: the training process itself); None: the CPUs
+    # per local rank, at most 8 (compt.loading). The weights do not depend on it.
+    workers: int | None = None
 
     def resolved_keys(self) -> Keys:
         default = DEFAULT_KEYS[self.kind]
@@ -84,6 +87,11 @@ class DataConfig(BaseModel):
             found.append(
                 f"data.max_bad_fraction: {self.max_bad_fraction} is not in [0, 1); "
                 "give a fraction such as 0.01 (0 = stop at the first bad sample)"
+            )
+        if self.workers is not None and self.workers < 0:
+            found.append(
+                f"data.workers: {self.workers} is negative; give 0 (load in the training process), "
+                "a number of loader processes per rank, or leave it out for the CPUs per rank (at most 8)"
             )
         if self.render_size < 8:
             found.append(

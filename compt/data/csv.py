@@ -5,6 +5,7 @@ Images open lazily; relative paths resolve against the CSV file's own folder.
 from __future__ import annotations
 
 import csv
+from array import array
 from pathlib import Path
 
 from PIL import Image
@@ -13,48 +14,115 @@ from compt.data.config import DataConfig
 from compt.data.dataset import Example, ImageTextDataset, as_rgb
 
 
+# A caption longer than this is a bad sample (CLIP reads at most a few hundred characters of it; a
+# field this long is most often an unbalanced quote that swallowed the rows after it). The csv
+# module's own limit is raised above it, so one long field is one bad row, not a dead dataset.
+MAX_CAPTION_CHARS = 131072
+FIELD_LIMIT = 16 * MAX_CAPTION_CHARS
+
+
 class CsvDataset(ImageTextDataset):
+    """Rows that cannot be used (bad UTF-8, an over-long caption, a short or unparsable row) stay in
+    the dataset as bad samples: reading one raises with its row, so the loader counts it like an
+    unreadable image and ``data.max_bad_fraction`` decides."""
+
     def __init__(self, paths: list[Path], captions: list[str], labels: list[int],
-                 classnames: list[str] | None, templates: list[str] | None, source: Path | None = None):
+                 classnames: list[str] | None, templates: list[str] | None, source: Path | None = None,
+                 lines: array | None = None, faults: dict[int, str] | None = None):
         super().__init__(classnames, templates)
         self.paths, self.captions, self.labels, self.source = paths, captions, labels, source
+        self.lines = lines  # the CSV line each row starts on (None: row i is on line i + 2)
+        self.faults = faults or {}  # row index -> why it cannot be used
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Example:
+        if index in self.faults:
+            raise ValueError(self.faults[index])
         with Image.open(self.paths[index]) as image:
             rgb = as_rgb(image)
             rgb.load()  # read pixels before the file closes
         return Example(rgb, self.captions[index], self.labels[index])
 
     def describe(self, index: int) -> str:
-        return f"{self.paths[index]} ({self.source} row {index + 2})"
+        line = self.lines[index] if self.lines is not None else index + 2
+        if index in self.faults:
+            return f"{self.source} row {line}"
+        return f"{self.paths[index]} ({self.source} row {line})"
+
+
+def _row_fault(row: list[str], columns: list[str], used: list[int], caption: int) -> str | None:
+    need = max(used[:2]) + 1  # the label may be left out
+    if len(row) < need:
+        return (f"{len(row)} field(s), but column '{columns[need - 1]}' is field {need} (a missing separator or "
+                "a truncated line)")
+    bad = [columns[i] for i in used if i < len(row) and any("\udc80" <= c <= "\udcff" for c in row[i])]
+    if bad:
+        return f"column(s) {', '.join(bad)} not valid UTF-8 (save the CSV as UTF-8)"
+    if len(row[caption]) > MAX_CAPTION_CHARS:
+        return (f"caption of {len(row[caption])} characters, over the {MAX_CAPTION_CHARS} allowed (an unbalanced "
+                "quote swallows the rows after it)")
+    if not row[used[0]].strip():
+        return "no image path"
+    return None
+
+
+def _column(columns: list[str], key: str) -> int:
+    return len(columns) - 1 - columns[::-1].index(key)  # the last of equal names, as csv.DictReader
 
 
 def build_csv(cfg: DataConfig, split: str) -> CsvDataset:
     path = Path(getattr(cfg, split)).expanduser()
     keys = cfg.resolved_keys()
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=cfg.csv_separator)
-        columns = reader.fieldnames or []
-        for name, key in (("image_key", keys.image), ("caption_key", keys.caption)):
-            if key not in columns:
-                raise ValueError(
-                    f"data.{name}: column '{key}' is not in {path} (columns: {columns}); "
-                    f"set data.{name} to the right column, or check data.csv_separator "
-                    f"({cfg.csv_separator!r})"
-                )
-        has_label = keys.label in columns
-        root = path.parent
-        paths, captions, labels = [], [], []
-        for line, row in enumerate(reader, start=2):
-            paths.append(root / row[keys.image])  # an absolute path replaces root
-            captions.append(row[keys.caption])
-            labels.append(_label(row.get(keys.label), path, line) if has_label else -1)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, FIELD_LIMIT))
+    try:
+        # Undecodable bytes become lone surrogates, so one bad byte marks its row, not the whole file.
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.reader(f, delimiter=cfg.csv_separator)
+            columns = next(reader, None) or []
+            for name, key in (("image_key", keys.image), ("caption_key", keys.caption)):
+                if key not in columns:
+                    raise ValueError(
+                        f"data.{name}: column '{key}' is not in {path} (columns: {columns}); "
+                        f"set data.{name} to the right column, or check data.csv_separator "
+                        f"({cfg.csv_separator!r})"
+                    )
+            image, caption = _column(columns, keys.image), _column(columns, keys.caption)
+            label = _column(columns, keys.label) if keys.label in columns else None
+            used = [image, caption] + ([label] if label is not None else [])
+            root = path.parent
+            paths, captions, labels, lines, faults = [], [], [], array("q"), {}
+            while True:
+                line = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:  # an over-long field, a NUL byte: this row only
+                    row, problem = None, f"unparsable ({e})"
+                else:
+                    if not row:
+                        continue  # a blank line, as DictReader skips it
+                    problem = _row_fault(row, columns, used, caption)
+                lines.append(line)
+                if problem is not None:
+                    faults[len(paths)] = problem
+                    paths.append(root)
+                    captions.append("")
+                    labels.append(-1)
+                    continue
+                paths.append(root / row[image])  # an absolute path replaces root
+                captions.append(row[caption])
+                labels.append(_label(row[label] if label is not None and label < len(row) else None, path, line))
+    finally:
+        csv.field_size_limit(limit)
     if not paths:
         raise ValueError(f"data.{split}: {path} has a header but no rows; give a CSV with data")
-    return CsvDataset(paths, captions, labels, cfg.classnames, cfg.templates, path)
+    contiguous = lines[-1] == len(lines) + 1  # increasing from line 2: every row is on line index + 2
+    return CsvDataset(paths, captions, labels, cfg.classnames, cfg.templates, path,
+                      lines=None if contiguous else lines, faults=faults)
 
 
 def _label(value: str | None, path: Path, line: int) -> int:

@@ -15,9 +15,10 @@ from compt.data.dataset import Example, ImageTextDataset, as_rgb
 
 class HFDataset(ImageTextDataset):
     def __init__(self, table: datasets.Dataset, image_key: str, caption_key: str,
-                 label_key: str | None, classnames: list[str] | None, templates: list[str] | None):
+                 label_key: str | None, classnames: list[str] | None, templates: list[str] | None,
+                 source: str | None = None):
         super().__init__(classnames, templates)
-        self.table = table
+        self.table, self.source = table, source
         self.image_key, self.caption_key, self.label_key = image_key, caption_key, label_key
 
     def __len__(self) -> int:
@@ -32,7 +33,7 @@ class HFDataset(ImageTextDataset):
         return Example(_image(row[self.image_key]), str(caption), -1 if label is None else int(label))
 
     def describe(self, index: int) -> str:
-        return f"row {index} of the datasets table"
+        return f"{self.source or 'the datasets table'} row {index}"
 
 
 def _image(value) -> Image.Image:
@@ -57,9 +58,12 @@ def build_hf(cfg: DataConfig, split: str) -> HFDataset:
     split_field = "hf_split_train" if split == "train" else "hf_split_val"
     split_name = getattr(cfg, split_field)
     path = Path(spec).expanduser()
+    source = f"{spec} split {split_name}"
     if path.is_dir() and is_saved_to_disk(path):
         loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
+        if not isinstance(loaded, datasets.DatasetDict):
+            source = str(spec)
+        else:
             if split_name not in loaded:
                 raise ValueError(
                     f"data.{split_field}: split '{split_name}' is not in {path} "
@@ -80,4 +84,5 @@ def build_hf(cfg: DataConfig, split: str) -> HFDataset:
         feature = loaded.features[label_key]
         if isinstance(feature, datasets.ClassLabel):
             classnames = list(feature.names)
-    return HFDataset(loaded, keys.image, keys.caption, label_key, classnames, cfg.templates)
+    return HFDataset(loaded, keys.image, keys.caption, label_key, classnames, cfg.templates,
+                     source=source)

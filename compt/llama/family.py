@@ -133,6 +133,10 @@ class LlamaFamily:
         ndim = len(getattr(p, "ds_shape", p.shape))  # under ZeRO-3 .shape is a flat stub; ds_shape the real one
         return ndim < 2 or "ln_" in name or name.endswith(".bias") or "embedding" in name or "logit_scale" in name
 
+    def enable_activation_checkpointing(self, model: torch.nn.Module) -> None:
+        """transformers' own switch (non-reentrant, which ZeRO-3's parameter hooks need)."""
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def loss(self, alpha: float | None, transfer, rank: int, world: int, kernels: str):
         temperature = transfer.temperature if transfer is not None else 1.0
 
@@ -160,6 +164,9 @@ class LlamaFamily:
 
         f = count_sequence_flops(model_cfg, data.seq_len)
         return f.train, f.forward
+
+    def tokens_per_sample(self, data) -> int | None:
+        return data.seq_len
 
     def export_name(self, name: str, tensor: torch.Tensor):
         return export_name(name, tensor)

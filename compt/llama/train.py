@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from compt.devices import placement
 from compt.kernels import distill_kl_reference, fused_linear_kl
 from compt.llama.model import TIED_HEAD, build_llama
 from compt.sampler import GlobalBatchSampler
@@ -87,6 +88,13 @@ class TokenBatch:
     blocks: torch.Tensor
     bad: list[str] = field(default_factory=list)  # the token data has no unreadable samples
 
+    def to(self, device, dtype: torch.dtype | None = None, non_blocking: bool = False) -> "TokenBatch":
+        return TokenBatch(self.blocks.to(device, non_blocking=non_blocking), self.bad)  # token ids keep their dtype
+
+    def pin_memory(self) -> "TokenBatch":
+        """Page-locked blocks (DataLoader's pin_memory thread calls this) for non-blocking copies to a device."""
+        return TokenBatch(self.blocks.pin_memory(), self.bad)
+
 
 def _collate(items: list[torch.Tensor]) -> TokenBatch:
     return TokenBatch(torch.stack(items))
@@ -104,9 +112,11 @@ class _Blocks(torch.utils.data.Dataset):
 
 
 def train_loader(ds, *, global_batch: int, steps: int, rank: int, world: int, gas: int, seed: int,
-                 start_step: int = 0) -> DataLoader:
+                 start_step: int = 0, **options) -> DataLoader:
+    """This rank's batches of token blocks; ``options`` are DataLoader kwargs (compt.loading.loader_options).
+    Blocks are read, not sampled: no randomness for the worker count to change."""
     sampler = GlobalBatchSampler(len(ds), global_batch, steps, rank, world, gas, seed, start_step)
-    return DataLoader(_Blocks(ds), batch_sampler=sampler, collate_fn=_collate)
+    return DataLoader(_Blocks(ds), batch_sampler=sampler, collate_fn=_collate, **options)
 
 
 def _val_batches(ds, batch_size: int) -> Iterator[torch.Tensor]:
@@ -121,8 +131,9 @@ def evaluate_lm(model, val_ds, batch_size: int) -> dict:
     model.eval()
     try:
         total, count = 0.0, 0
+        device = placement(model)[0]
         for blocks in _val_batches(val_ds, batch_size):
-            ce = model(blocks)[1]
+            ce = model(blocks.to(device))[1]
             n = blocks[:, 1:].numel()
             total += ce.item() * n
             count += n

@@ -28,7 +28,7 @@ MIN_VOCAB = 256 + 4
 
 
 class TextDataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or inf is never a valid setting
 
     kind: Kind = "pydoc"
     # text, jsonl: files or glob patterns, expanded and sorted so the corpus order is fixed
@@ -46,6 +46,9 @@ class TextDataConfig(BaseModel):
     val_fraction: float = 0.05
     vocab_size: int = 4096
     seed: int = 0
+    # Processes per rank that feed batches (0: the training process itself); None: the CPUs per local
+    # rank, at most 8 (compt.loading). The weights do not depend on it.
+    workers: int | None = None
 
     @field_validator("paths", mode="before")
     @classmethod
@@ -86,6 +89,9 @@ class TextDataConfig(BaseModel):
         if not 0.0 < self.val_fraction < 1.0:
             found.append(f"data.val_fraction: {self.val_fraction} is not between 0 and 1; "
                          "give a fraction such as 0.05")
+        if self.workers is not None and self.workers < 0:
+            found.append(f"data.workers: {self.workers} is negative; give 0 (load in the training process), "
+                         "a number of loader processes per rank, or leave it out for the CPUs per rank (at most 8)")
         if self.vocab_size < MIN_VOCAB:
             found.append(f"data.vocab_size: {self.vocab_size} is below {MIN_VOCAB} (256 bytes and "
                          "4 special tokens); give more, e.g. 4096")
