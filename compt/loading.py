@@ -11,19 +11,10 @@ from functools import partial
 
 import torch
 
+from compt.distributed import local_world_size
+
 MAX_DEFAULT_WORKERS = 8  # past this, more decoding processes per rank rarely feed a GPU faster
 PREFETCH_FACTOR = 2  # batches each worker prepares ahead (PyTorch's default)
-# What multi-process launchers call the number of ranks on this node: deepspeed, torchrun, Open MPI.
-LOCAL_SIZE_VARIABLES = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
-
-
-def local_ranks() -> int:
-    """Ranks sharing this node's CPUs, as the launcher says (1 without one)."""
-    for name in LOCAL_SIZE_VARIABLES:
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
 
 
 def usable_cpus() -> int:
@@ -35,7 +26,7 @@ def usable_cpus() -> int:
 
 def default_workers() -> int:
     """The CPUs this rank may use (this process's CPUs over the ranks on the node), at most 8."""
-    return min(MAX_DEFAULT_WORKERS, usable_cpus() // local_ranks())
+    return min(MAX_DEFAULT_WORKERS, usable_cpus() // local_world_size())
 
 
 def data_workers(data_cfg) -> int:
