@@ -127,6 +127,13 @@ def _clipping(cfg: dict[str, Any], base: dict[str, Any], settings: TrainSettings
     return cfg
 
 
+def no_decay_by_name(name: str, p: torch.nn.Parameter) -> bool:
+    """open_clip's rule, read from parameter names: no weight decay on norms ("ln_"), biases, embeddings
+    ("embedding") and the logit scale, nor on any parameter of fewer than 2 dimensions."""
+    ndim = len(getattr(p, "ds_shape", p.shape))  # under ZeRO-3 .shape is a flat stub; ds_shape the real one
+    return ndim < 2 or "ln_" in name or name.endswith(".bias") or "embedding" in name or "logit_scale" in name
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float,
                  no_decay: Callable[[str, torch.nn.Parameter], bool]) -> list[dict[str, Any]]:
     """Two AdamW groups: decayed, and what the family's ``no_decay(name, param)`` exempts."""

@@ -148,16 +148,21 @@ def check_tensors(label: str, weights: Path, family_name: str | None, model_cfg:
         want = model_tensors(family_name, model_cfg)
     except Exception as e:  # noqa: BLE001 - whatever the model library says about a bad config
         raise ExportError(f"{label}: its config.json does not build a model ({type(e).__name__}: {e})") from None
+    mismatch = tensor_mismatch(got, want)
+    if mismatch:
+        raise ExportError(f"{label}: weights file {weights} does not hold the tensors of the model in its "
+                          f"config.json ({mismatch}); retrain the stage (rerun the launcher with the same --output)")
+
+
+def tensor_mismatch(got: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """How a file's tensor shapes (name -> shape) differ from a model's: missing, unexpected and wrong-shape
+    tensors, a few of each; None when they match."""
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     wrong = sorted(f"{k} {list(got[k])} (config.json says {list(want[k])})"
-                   for k in set(want) & set(got) if got[k] != want[k])
-    if missing or unexpected or wrong:
-        parts = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if names]
-        raise ExportError(f"{label}: weights file {weights} does not hold the tensors of the model in its "
-                          f"config.json ({'; '.join(parts)}); retrain the stage (rerun the launcher with the same "
-                          "--output)")
+                   for k in set(want) & set(got) if tuple(got[k]) != tuple(want[k]))
+    parts = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+             for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+    return "; ".join(parts) or None
 
 
 def _checked(stage: FinishedStage) -> FinishedStage:

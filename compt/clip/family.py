@@ -17,6 +17,7 @@ from compt.clip.losses import ChainLoss
 from compt.clip.model import (build_clip, export_name_and_tensor, load_into, model_config_problem, preprocess_for,
                               resolve_model_config, size_problem, write_model_config)
 from compt.data import DataConfig, build_dataset
+from compt.engine import no_decay_by_name
 from compt.families import CostCounters, Quality
 from compt.growth import MODES
 from compt.loading import loader_options
@@ -106,8 +107,7 @@ class ClipFamily:
 
     def no_decay(self, name: str, p: torch.nn.Parameter) -> bool:
         """open_clip's convention: no weight decay on norms, biases, embeddings and the logit scale."""
-        ndim = len(getattr(p, "ds_shape", p.shape))  # under ZeRO-3 .shape is a flat stub; ds_shape the real one
-        return ndim < 2 or "ln_" in name or name.endswith(".bias") or "embedding" in name or "logit_scale" in name
+        return no_decay_by_name(name, p)
 
     def enable_activation_checkpointing(self, model: torch.nn.Module) -> None:
         """open_clip's own switch: both towers recompute each residual block in the backward pass."""

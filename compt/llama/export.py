@@ -14,7 +14,8 @@ from typing import Any
 from compt import export as core
 from compt.card import (budget, chain_path, flatten, flops_summary, flops_text, format_value, metadata_header,
                         predecessor)
-from compt.export import ExportError, ExportResult, FinishedStage, check_out, finished_weights, read_json, write_staged
+from compt.export import (ExportError, ExportResult, FinishedStage, check_out, finished_weights, read_json,
+                          tensor_mismatch, write_staged)
 
 FAMILY = "llama"  # the chain config's `family:`
 FORMATS = ("transformers",)
@@ -70,16 +71,10 @@ def _check_weights(label: str, weights: Path, model_cfg: dict[str, Any]) -> None
             got = {k: src.shape(k) for k in src.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise ExportError(f"{label}: weights file {weights} is not a readable safetensors file ({e})") from e
-    missing = sorted(set(want) - set(got))
-    unexpected = sorted(set(got) - set(want))
-    wrong = sorted(f"{k} {list(got[k])} (config.json says {list(want[k])})"
-                   for k in set(want) & set(got) if tuple(got[k]) != tuple(want[k]))
-    if missing or unexpected or wrong:
-        parts = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                 if names]
+    mismatch = tensor_mismatch(got, want)
+    if mismatch:
         raise ExportError(f"{label}: weights file {weights} does not hold LlamaForCausalLM(config.json)'s "
-                          f"tensors ({'; '.join(parts)}): the weights and config.json are from different models; "
+                          f"tensors ({mismatch}): the weights and config.json are from different models; "
                           "retrain the stage (rerun the launcher with the same --output)")
 
 

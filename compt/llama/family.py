@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from compt.engine import no_decay_by_name
 from compt.families import CostCounters, Quality
 from compt.growth import MODES
 from compt.flops import format_flops
@@ -130,8 +131,7 @@ class LlamaFamily:
         """The rule every family used before families chose their own (open_clip's names): norms and biases
         are not decayed, the token embeddings (``embed_tokens``, no "embedding" in the name) are. Kept so that
         LLaMA chains train bit for bit as before; whether to exempt embed_tokens is a measured change to make."""
-        ndim = len(getattr(p, "ds_shape", p.shape))  # under ZeRO-3 .shape is a flat stub; ds_shape the real one
-        return ndim < 2 or "ln_" in name or name.endswith(".bias") or "embedding" in name or "logit_scale" in name
+        return no_decay_by_name(name, p)
 
     def enable_activation_checkpointing(self, model: torch.nn.Module) -> None:
         """transformers' own switch (non-reentrant, which ZeRO-3's parameter hooks need)."""
