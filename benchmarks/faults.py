@@ -42,8 +42,7 @@ def tiny_model(width: int = 32, layers: int = 1, embed: int = 32) -> dict:
     }
 
 
-# The test suite's tiny chain (tests/conftest.py), which results/faults-cpu2* ran: a benchmark does not
-# import the tests, so it keeps its own copy.
+# The tiny chain results/faults-cpu2* ran; tests/conftest.py takes it (and tiny_model) from here.
 TINY_CHAIN = {
     "name": "tiny",
     "seed": 0,

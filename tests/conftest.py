@@ -16,28 +16,19 @@ REPO = Path(__file__).resolve().parent.parent
 DS = str(REPO / "ds_configs" / "zero3.json")  # the default DeepSpeed config the tests launch with
 
 
-def tiny_model(width: int = 32, layers: int = 1, embed: int = 32) -> dict:
-    return {
-        "embed_dim": embed,
-        "vision_cfg": {"image_size": 16, "patch_size": 8, "width": width, "layers": layers, "head_width": 16},
-        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": width, "heads": width // 16, "layers": layers},
-    }
+def _faults_benchmark():
+    """benchmarks/faults.py, which kills and resumes this same tiny chain: one definition serves both."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compt_faults_benchmark", REPO / "benchmarks" / "faults.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-TINY_CHAIN = {
-    "name": "tiny",
-    "seed": 0,
-    "data": {"kind": "digits", "render_size": 16},
-    "eval": {"batch_size": 120},
-    "defaults": {"lr": 2.0e-3, "warmup_steps": 2, "batch_size": 32, "log_every": 2, "checkpoint_every_steps": 2},
-    "stages": [
-        {"name": "a", "model": tiny_model(32, 1), "budget": {"steps": 6}},
-        {"name": "b", "model": tiny_model(64, 1), "budget": {"steps": 8},
-         "transfer": {"init": "official", "align": True, "alpha": 500}},
-        {"name": "c", "model": tiny_model(64, 2), "budget": {"samples": 128},
-         "transfer": {"init": "exact", "noise": 0.01, "align": True, "alpha": 500}},
-    ],
-}
+_faults = _faults_benchmark()
+tiny_model = _faults.tiny_model  # a tiny open_clip config: tiny_model(width, layers, embed)
+TINY_CHAIN = _faults.TINY_CHAIN  # 3 stages: a from scratch, b official growth, c exact growth; checkpoints every 2 steps
 
 
 @pytest.fixture
