@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import open_clip
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -51,3 +52,60 @@ def test_chain_loss_is_clip_loss_plus_alignment():
     both = ChainLoss(alpha=500)((img, txt, scale), (t_img, t_txt, scale))
     align = feature_alignment_loss_reference(img, txt, t_img, t_txt, 500)
     assert torch.allclose(both.total, clip + align) and torch.allclose(both.transfer, align)
+
+
+# -- the contrastive loss on 2 ranks: local_loss=True against the global x global logits -----------------
+
+def _two_rank_grads(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group: the loss and the gradient of this rank's features, with
+    compt's ChainLoss (local x global logits) and with open_clip's global x global ClipLoss."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    img_all, txt_all = _emb(8, 16, seed=5).float(), _emb(8, 16, seed=6).float()
+    scale = torch.tensor([3.0])
+    result = {}
+    for kind, loss_fn in (("compt", ChainLoss(None, rank=rank, world_size=2)),
+                          ("global", open_clip.ClipLoss(local_loss=False, gather_with_grad=True, rank=rank,
+                                                        world_size=2))):
+        img = img_all[4 * rank: 4 * rank + 4].clone().requires_grad_()
+        txt = txt_all[4 * rank: 4 * rank + 4].clone().requires_grad_()
+        s = scale.clone().requires_grad_()
+        loss = loss_fn((img, txt, s)).total if kind == "compt" else loss_fn(img, txt, s.reshape(()))
+        loss.backward()
+        logged = loss.detach().clone()
+        dist.all_reduce(logged)  # the train loop's sum over ranks, then / world
+        result[kind] = {"loss": logged.item() / 2, "img": img.grad, "txt": txt.grad, "scale": s.grad}
+    torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_local_loss_gives_the_global_loss_and_its_gradients_on_two_ranks(tmp_path):
+    """local_loss=True (each rank: its rows x every rank's features) against the global x global logits
+    every rank built before: the same logged loss (the loss one rank computes over the whole batch), the same
+    gradients of each rank's features, and the same logit-scale gradient after DeepSpeed's average over ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_grads, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    one_rank = open_clip.ClipLoss()(_emb(8, 16, seed=5).float(), _emb(8, 16, seed=6).float(), torch.tensor(3.0))
+    for got in ranks:
+        assert got["compt"]["loss"] == pytest.approx(got["global"]["loss"], rel=1e-6)
+        assert got["compt"]["loss"] == pytest.approx(one_rank.item(), rel=1e-6)
+        for name in ("img", "txt"):  # each rank's features: their gradient through every rank's loss
+            assert torch.allclose(got["compt"][name], got["global"][name], rtol=1e-5, atol=1e-7), name
+        assert got["compt"]["img"].abs().sum() > 0  # gradients flowed through the gather
+    # The replicated logit scale: each rank differentiates its own rows' loss now, the whole batch's before;
+    # DeepSpeed's average over ranks makes them the same gradient.
+    mean = lambda kind: sum(got[kind]["scale"] for got in ranks) / 2  # noqa: E731
+    assert torch.allclose(mean("compt"), mean("global"), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(ranks[0]["compt"]["scale"], ranks[1]["compt"]["scale"])  # the ranks did differ

@@ -1,7 +1,10 @@
 """The CoM-PT training objective: CLIP contrastive loss + feature alignment to the teacher.
 
-The contrastive part is open_clip's ClipLoss over the *global* batch (features are
-gathered with gradient), so N ranks compute the same loss as one rank would.
+The contrastive part is open_clip's ClipLoss over the *global* batch: each rank scores its own
+rows against every rank's features (gathered with gradient, ``local_loss=True``), so a rank holds
+a local x global block of logits, not global x global. The mean of the ranks' losses (what the
+train loop logs, and what DeepSpeed's gradient averaging differentiates) is the loss one rank
+would compute over the whole batch (tests/test_loss.py checks loss and gradients on 2 ranks).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ class ChainLoss:
     def __init__(self, alpha: float | None, rank: int = 0, world_size: int = 1, backend: str = "auto"):
         self.alpha, self.backend = alpha, backend  # backend: auto = fused Triton on GPU, PyTorch reference otherwise
         self.clip = open_clip.ClipLoss(
-            local_loss=False, gather_with_grad=world_size > 1, rank=rank, world_size=world_size
+            local_loss=True, gather_with_grad=world_size > 1, rank=rank, world_size=world_size
         )
 
     def __call__(self, student: tuple, teacher: tuple | None = None) -> LossParts:
