@@ -33,7 +33,8 @@ from compt.metrics import MONITOR_KEYS
 STATUSES = ("pending", "running", "done", "failed")
 RESULT_NEUTRAL_SETTINGS = {"log_every", "checkpoint_every_steps", "checkpoint_minutes", "keep_checkpoints",
                            "max_nonfinite_steps"}
-RESULT_NEUTRAL_DATA = {"max_bad_fraction", "workers"}
+# imagefolder: an extra evaluation after training, so adding one keeps the fingerprints of runs made without it
+RESULT_NEUTRAL_DATA = {"max_bad_fraction", "workers", "imagefolder"}
 
 
 def stage_fingerprints(cfg: ChainConfig, ds_config: dict) -> list[str]:
@@ -45,7 +46,8 @@ def stage_fingerprints(cfg: ChainConfig, ds_config: dict) -> list[str]:
     for k, stage in enumerate(cfg.stages):
         transfer = cfg.transfer(k)
         payload = {**common, "name": stage.name, "model": cfg.model_cfg(k), "budget": stage.budget.model_dump(),
-                   "transfer": transfer.model_dump(mode="json") if transfer else None,
+                   # where the teacher lives (sharded or replicated) changes memory and speed, not its numbers
+                   "transfer": transfer.model_dump(mode="json", exclude={"teacher"}) if transfer else None,
                    "settings": stage.settings(cfg.defaults).model_dump(mode="json", exclude=RESULT_NEUTRAL_SETTINGS),
                    "predecessor": prev}
         if stage.deepspeed:  # only when given, so runs from before per-stage engine settings keep their fingerprints

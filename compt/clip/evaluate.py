@@ -1,5 +1,6 @@
 """Evaluation of one CLIP model on the validation split: zero-shot classification
-with class prompts, and image<->text retrieval (R@1/5/10).
+with class prompts, and image<->text retrieval (R@1/5/10); and zero-shot on a class-folder
+tree (``data.imagefolder``) with open_clip's classifier builder.
 
 Models are always called through ``model(image, text)`` (never encode_*), so the
 same code works for a plain module and a ZeRO-3 engine, whose parameters are only
@@ -9,16 +10,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from open_clip import build_zero_shot_classifier
 
 from compt.clip.model import Preprocess
 from compt.clip.loader import eval_loader
 from compt.faults import StageFailed
+from compt.data.imagefolder import ImageFolderDataset
 from compt.devices import placement, to_device
 
 
 @torch.no_grad()
-def _features(model, loader) -> tuple[torch.Tensor, list[str], torch.Tensor, list[str]]:
-    """Image embeddings, captions and labels of every readable sample; descriptions of the unreadable ones."""
+def _features(model, loader, source: str = "data.val") -> tuple[torch.Tensor, list[str], torch.Tensor, list[str]]:
+    """Image embeddings, captions and labels of every readable sample; descriptions of the unreadable ones.
+    ``source``: the config field naming the data, for the error when nothing can be read."""
     images, captions, labels, bad = [], [], [], []
     device, dtype = placement(model)
     for batch in loader:
@@ -29,8 +33,8 @@ def _features(model, loader) -> tuple[torch.Tensor, list[str], torch.Tensor, lis
         captions += batch.captions
         labels.append(batch.labels)
     if not images:
-        raise StageFailed(f"no validation sample could be read (e.g. {bad[0] if bad else 'empty split'}); "
-                          "check data.val and the files it names")
+        raise StageFailed(f"no sample of {source} could be read (e.g. {bad[0] if bad else 'empty split'}); "
+                          f"check {source} and the files it names")
     return torch.cat(images), captions, torch.cat(labels), bad
 
 
@@ -68,15 +72,8 @@ def evaluate(model, val_ds, pre: Preprocess, batch_size: int = 256, zeroshot: bo
         metrics: dict = {"zeroshot_top1": None, "zeroshot_top5": None, "retrieval": None,
                          "val_samples": len(captions), "val_bad_samples": {"count": len(bad), "examples": bad[:5]}}
         if zeroshot and val_ds.classnames and (labels >= 0).all():
-            weights = []
-            for name in val_ds.classnames:
-                emb = _encode_texts(model, pre.tokenizer, [t.format(name) for t in val_ds.templates], batch_size)
-                weights.append(F.normalize(emb.mean(0), dim=-1))
-            logits = img @ torch.stack(weights).T
-            k5 = min(5, logits.shape[1])
-            top = logits.topk(k5, dim=1).indices
-            metrics["zeroshot_top1"] = (top[:, 0] == labels).float().mean().item()
-            metrics["zeroshot_top5"] = (top == labels[:, None]).any(1).float().mean().item()
+            classifier = _classifier(model, pre, val_ds.classnames, val_ds.templates, batch_size)
+            metrics["zeroshot_top1"], metrics["zeroshot_top5"] = _topk_accuracy(img @ classifier, labels)
         if retrieval:
             distinct = sorted(set(captions))
             index = {c: j for j, c in enumerate(distinct)}
@@ -86,6 +83,49 @@ def evaluate(model, val_ds, pre: Preprocess, batch_size: int = 256, zeroshot: bo
             sim = img @ txt.T
             metrics["retrieval"] = {"image_to_text": _recall(sim, truth), "text_to_image": _recall(sim.T, truth.T)}
         return metrics
+    finally:
+        model.train(was_training)
+
+
+class _TextTower:
+    """What open_clip's build_zero_shot_classifier calls (``encode_text``), answered through ``model(None,
+    text)``: a ZeRO-3 engine gathers its partitioned parameters only inside forward."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return F.normalize(self.model(None, text)[1].float(), dim=-1)  # in float32, whatever the model's dtype
+
+
+def _classifier(model, pre: Preprocess, classnames: list[str], templates: list[str], batch_size: int) -> torch.Tensor:
+    """[embed x classes] zero-shot weights from open_clip's builder, about ``batch_size`` prompts per forward."""
+    weights = build_zero_shot_classifier(_TextTower(model), pre.tokenizer, classnames, templates,
+                                         num_classes_per_batch=max(1, batch_size // len(templates)),
+                                         device=placement(model)[0])
+    return weights.float().cpu()
+
+
+def _topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return (top[:, 0] == labels).float().mean().item(), (top == labels[:, None]).any(1).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate_imagefolder(model, folder: ImageFolderDataset, pre: Preprocess, batch_size: int = 256,
+                         **options) -> dict:
+    """Zero-shot top-1/top-5 on a class-folder tree: open_clip's classifier (the mean of each class's
+    normalized prompt embeddings) over the folder's class names and templates. Unreadable images are
+    dropped and counted (``imagefolder_bad_samples``, with examples), as the validation split's are."""
+    was_training = model.training
+    model.eval()
+    try:
+        img, _, labels, bad = _features(model, eval_loader(folder, pre, batch_size, **options), "data.imagefolder")
+        classifier = _classifier(model, pre, folder.classnames, folder.templates, batch_size)
+        top1, top5 = _topk_accuracy(img @ classifier, labels)
+        return {"imagefolder_top1": top1, "imagefolder_top5": top5, "imagefolder_samples": len(labels),
+                "imagefolder_classes": len(folder.classnames),
+                "imagefolder_bad_samples": {"count": len(bad), "examples": bad[:5]}}
     finally:
         model.train(was_training)
 
