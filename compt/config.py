@@ -5,10 +5,11 @@ of stages. ``load_chain`` turns a YAML file or a built-in preset into a ChainCon
 """
 from __future__ import annotations
 
+import copy
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -310,17 +311,124 @@ def load_chain(chain: str = "demo", ds_config: str | Path | None = None) -> Chai
     data_problems, rest = _data_problems(raw), raw
     if data_problems:
         rest = {k: v for k, v in raw.items() if k != "data"}
-    try:
-        cfg = ChainConfig.model_validate(rest)
-    except ValidationError as e:
-        raise ChainConfigError(source, problems + data_problems + _pydantic_problems(e)) from None
-    if data_problems:  # the rest is valid: its own problems, without those of the default data it got
-        problems += data_problems + [p for p in chain_problems(cfg) if not p.startswith("data")]
-    else:
-        problems += chain_problems(cfg)
+    # Type errors do not hide the semantic checks either: those run on the config with each bad field left out
+    # (or a stand-in where it is required), and what they say about a bad field (or the default data standing
+    # in for bad data) is dropped, so one pass reports every problem.
+    cfg, type_problems, bad = validated_without_bad_fields(rest)
+    problems += data_problems + type_problems
+    if cfg is None:
+        raise ChainConfigError(source, problems)
+    bad += ["data"] if data_problems else []
+    semantic = chain_problems(cfg)
+    problems += [p for p in semantic if not concerns(p, bad)]
+    if not any(concerns(p, ["data"]) for p in problems) and not any(b.endswith("batch_size") for b in bad):
+        problems += train_size_problems(cfg)
     if problems:
         raise ChainConfigError(source, problems)
     return cfg
+
+
+STAND_INS: dict[str, Any] = {  # for required fields whose value is unusable: whatever passes the schema
+    "name": "invalid-name",
+    "model": "invalid-model",  # every family reports it as unknown: the checks that compare models skip it
+    "budget": {"steps": 1},
+}
+STAND_IN_STAGE = {"name": "invalid-stage", "model": STAND_INS["model"], "budget": {"steps": 1}}
+REPAIR_ROUNDS = 4  # leaving a field out can make its parent invalid (a budget with no value left): a few rounds
+
+
+def validated_without_bad_fields(raw: dict) -> tuple[ChainConfig | None, list[str], list[str]]:
+    """(config, type problems, paths of the bad fields): the config as given when it validates, else validated
+    again with each bad field left out (its default applies) or, where required, a stand-in; None when
+    nothing can stand in (e.g. ``stages`` is not a list)."""
+    try:
+        return ChainConfig.model_validate(raw), [], []
+    except ValidationError as e:
+        err, reported = e, _pydantic_problems(e)
+    work, bad = copy.deepcopy(raw), []
+    for _ in range(REPAIR_ROUNDS):
+        # Where each error's field is, found before anything changes: a value that failed every member of a
+        # union has one error per member, and all of them name the same field.
+        fixes = {}
+        for error in err.errors():
+            fix = _stand_in(work, [p for p in error["loc"] if not str(p).startswith("function-")], error["type"])
+            if fix is None:
+                return None, reported, bad
+            fixes.setdefault(fix[0], fix[1])
+        for path, apply in fixes.items():
+            apply()
+            bad.append(path)
+        try:
+            return ChainConfig.model_validate(work), reported, bad
+        except ValidationError as e:
+            err = e
+    return None, reported, bad
+
+
+def _stand_in(raw: dict, loc: list, kind: str) -> tuple[str, Callable[[], None]] | None:
+    """(dotted path, change) for the field an error's ``loc`` names in ``raw``: the change removes it (its
+    default applies) or, where it is required, puts a stand-in there; None when nothing can stand in. A loc may
+    go deeper than the data: pydantic names the union member a value failed (``stages.0.model.str``), so the
+    field is the deepest key present."""
+    chain = []  # (container, key) from the top down
+    node: Any = raw
+    for key in loc:
+        if isinstance(node, dict) and key in node or isinstance(node, list) and isinstance(key, int)                 and 0 <= key < len(node):
+            chain.append((node, key))
+            node = node[key]
+        else:
+            break
+    if kind == "missing" and len(chain) == len(loc) - 1 and isinstance(node, dict):
+        key, path = loc[-1], ".".join(str(p) for p in loc)
+        stand_in = [STAND_IN_STAGE] if key == "stages" else STAND_INS.get(key)
+        if stand_in is None:
+            return None
+        return path, lambda: node.__setitem__(key, copy.deepcopy(stand_in))
+    while chain and isinstance(chain[-1][0], list) and not (len(chain) == 2 and chain[0][1] == "stages"):
+        chain.pop()  # an item of a list value (betas): the list as a whole is the field
+    if not chain:
+        return None
+    container, key = chain[-1]
+    path = ".".join(str(k) for _, k in chain)
+    if isinstance(container, list):  # a stage that is not a mapping: a stand-in stage keeps the others' indices
+        return path, lambda: container.__setitem__(key, {**STAND_IN_STAGE, "name": f"invalid-stage-{key}"})
+    return path, lambda: container.pop(key, None)
+
+
+def concerns(problem: str, paths: list[str]) -> bool:
+    """Whether ``problem`` ("field: ...") is about one of ``paths`` or a field inside one."""
+    field = problem.split(":", 1)[0].split(" ", 1)[0]
+    return any(field == p or field.startswith(p + ".") or p.startswith(field + ".") and field != "stages"
+               for p in paths)
+
+
+# Kinds whose training-set size is known without building the data for training: the built-in ones are
+# computed (images are rendered lazily) and a CSV is one pass over its rows. Not these, checked once the
+# ranks have built the data: webdataset (its size is the count of every shard's samples, so every tar is
+# read; streamed sets declare data.train_samples), hf (loading the set imports `datasets` and may download),
+# and text (the sequences depend on the tokenizer the run trains).
+SIZED_KINDS = ("digits", "digit-numbers", "csv")
+
+
+def train_size_problems(cfg: ChainConfig) -> list[str]:
+    """Each stage's global batch against the training set's size where that is known before any rank starts."""
+    if not isinstance(cfg.data, DataConfig) or cfg.data.kind not in SIZED_KINDS:
+        return []
+    from compt.data import build_dataset
+
+    try:
+        size = len(build_dataset(cfg.data, "train"))
+    except ValueError as e:  # a CSV without the named columns, a label that is not an integer
+        return [str(e)]
+    problems = []
+    for k, stage in enumerate(cfg.stages):
+        batch = stage.settings(cfg.defaults).batch_size
+        if batch > size:
+            source = "" if stage.batch_size is not None else " (defaults.batch_size)"
+            problems.append(f"stages.{k}.batch_size: {batch}{source} is larger than the training set ({size} "
+                            f"samples in data.{'train' if cfg.data.kind == 'csv' else 'kind ' + cfg.data.kind}); "
+                            f"give a batch_size of at most {size}, or more data")
+    return problems
 
 
 def _data_problems(raw: dict) -> list[str]:

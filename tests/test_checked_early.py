@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from compt.config import ChainConfigError, load_chain
-from conftest import DS, REPO, TINY_CHAIN, write_chain
+from conftest import DS, REPO, TINY_CHAIN, tiny_model, write_chain
 
 
 def problems(tmp_path, chain: dict, ds: dict | None = None) -> str:
@@ -89,11 +89,85 @@ def test_batches_the_ranks_cannot_take_are_refused_before_any_stage(tmp_path):
 
 
 def test_a_batch_larger_than_the_training_set_is_named_with_its_stage(tmp_path):
-    from compt.engine import batch_problems, read_ds_config
-
+    """Built-in data has a known size: the check is part of validation, before any rank starts."""
     chain = copy.deepcopy(TINY_CHAIN)
     chain["stages"][1]["batch_size"] = 4096
-    cfg = load_chain(str(write_chain(tmp_path / "c.yaml", chain)), DS)
-    assert batch_problems(cfg, read_ds_config(DS), 1, 1437) == [
-        "stages.1 (b): batch_size 4096 is larger than the training set (1437 samples); lower batch_size"]
+    chain["defaults"]["batch_size"] = 2048
+    text = problems(tmp_path, chain)
+    assert ("stages.1.batch_size: 4096 is larger than the training set (1437 samples in data.kind digits); give a "
+            "batch_size of at most 1437, or more data") in text
+    assert "stages.0.batch_size: 2048 (defaults.batch_size) is larger than the training set" in text
+
+
+def test_the_late_check_names_the_stage_for_data_whose_size_needs_the_ranks(tmp_path):
+    """What stays late (webdataset, hf, text: sized once built) still stops before any stage."""
+    from compt.engine import batch_problems, read_ds_config
+
+    cfg = load_chain(str(write_chain(tmp_path / "c.yaml", copy.deepcopy(TINY_CHAIN))), DS)
+    assert batch_problems(cfg, read_ds_config(DS), 1, 20) == [
+        f"stages.{k} ({s.name}): batch_size 32 is larger than the training set (20 samples); lower batch_size"
+        for k, s in enumerate(cfg.stages)]
     assert batch_problems(cfg, read_ds_config(DS), 3)[0].startswith("stages.0 (a): batch_size 32 is not divisible")
+
+
+def test_a_csv_is_sized_and_its_columns_checked_before_any_rank_starts(tmp_path):
+    rows = "".join(f"{i}.png\ta digit\t{i % 10}\n" for i in range(20))
+    (tmp_path / "train.csv").write_text("filepath\ttitle\tlabel\n" + rows)
+    (tmp_path / "val.csv").write_text("filepath\ttitle\tlabel\n" + rows)
+    chain = copy.deepcopy(TINY_CHAIN)
+    chain["data"] = {"kind": "csv", "train": str(tmp_path / "train.csv"), "val": str(tmp_path / "val.csv")}
+    text = problems(tmp_path, chain)
+    assert f"stages.0.batch_size: 32 (defaults.batch_size) is larger than the training set (20 samples in " \
+           f"data.train); give a batch_size of at most 20" in text
+    chain["data"]["caption_key"] = "caption"
+    text = problems(tmp_path, chain)
+    assert "data.caption_key: column 'caption' is not in" in text and "batch_size" not in text
+
+
+def test_type_errors_do_not_hide_the_semantic_problems(tmp_path):
+    """One pass: each bad field's type error, and what the rest of the config says without it (issue 20: a user
+    fixed one batch of errors and then got a second)."""
+    chain = copy.deepcopy(TINY_CHAIN)
+    chain["kernels"] = "fast"  # type: not a choice
+    chain["stages"][0]["model"] = 5  # type: neither a name nor a dict
+    chain["stages"][0]["transfer"] = {"init": "official"}  # semantic: the first stage has no predecessor
+    chain["stages"][1]["lr"] = "high"  # type
+    chain["stages"][1]["budget"] = {"epochs": 0}  # value: a required field, given a stand-in
+    chain["stages"][2]["model"] = tiny_model(32, 1)  # semantic: smaller than stage 1
+    chain["stages"][2]["transfer"]["init"] = "exact"
+    chain["defaults"]["betas"] = [0.9, "x"]
+    text = problems(tmp_path, chain)
+    for expected in ("kernels: Input should be 'auto', 'triton' or 'reference'",
+                     "stages.0.model.str: Input should be a valid string",
+                     "stages.1.lr: Input should be a valid number", "stages.1.budget: epochs must be > 0",
+                     "defaults.betas.1: Input should be a valid number",
+                     "stages.0.transfer: the first stage has no predecessor",
+                     "stages.2.model: not larger than its predecessor"):
+        assert expected in text, (expected, text)
+    # Nothing about the stand-ins, and no comparison with the model that is not one.
+    assert "invalid" not in text and "stages.1.model" not in text and "unknown open_clip model" not in text
+
+
+def test_a_stage_that_is_not_a_mapping_keeps_the_others_checked(tmp_path):
+    chain = copy.deepcopy(TINY_CHAIN)
+    chain["stages"][1] = "b"
+    chain["stages"][0]["model"] = "ViT-Nonexistent-99"
+    chain["name"] = "bad name!"
+    text = problems(tmp_path, chain)
+    assert "stages.1: Input should be a valid dictionary" in text
+    assert "stages.0.model: unknown open_clip model 'ViT-Nonexistent-99'" in text
+    assert "name: String should match pattern" in text and "invalid" not in text
+    chain["stages"] = []
+    chain["data"]["val_fraction"] = 2.0
+    text = problems(tmp_path, chain)
+    assert "stages: List should have at least 1 item" in text and "data.val_fraction: 2.0 is not between 0 and 1" in text
+
+
+def test_the_launcher_refuses_a_batch_larger_than_the_data_before_writing_anything(tmp_path):
+    chain = copy.deepcopy(TINY_CHAIN)
+    chain["stages"][2]["batch_size"] = 2000
+    out = tmp_path / "run"
+    done = _launch(tmp_path, chain, out, 29793)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "stages.2.batch_size: 2000 is larger than the training set (1437 samples" in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
