@@ -26,7 +26,10 @@ else:
     from compt.kernels.distill import distill_kl_reference
     from compt.kernels.distill_triton import fused_linear_kl
     from compt.kernels.expansion_triton import PreparedExpansion, expand_flat_slice, prepare_expansion
+    from compt.kernels.head import HeadLoss, lm_head_loss_reference
+    from compt.kernels.head_triton import fused_lm_head_loss
 
     __all__ = ["feature_alignment_loss", "feature_alignment_loss_reference", "NonFiniteInputError",
                "expand_flat_slice", "prepare_expansion", "PreparedExpansion",
-               "fused_linear_kl", "distill_kl_reference"]
+               "fused_linear_kl", "distill_kl_reference", "fused_lm_head_loss", "lm_head_loss_reference",
+               "HeadLoss"]

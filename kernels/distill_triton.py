@@ -27,7 +27,8 @@ except ImportError:  # e.g. macOS: the torch backend still works
     tl = None
 
 __all__ = ["fused_linear_kl", "FusedLinearKL", "default_chunk_size", "CHUNK_LOGITS", "GPU_LAUNCH",
-           "INTERPRET_LAUNCH"]
+           "INTERPRET_LAUNCH", "add_weight_grad", "interpret_enabled", "jit_once", "next_power_of_2",
+           "pick_backend"]
 
 _BACKENDS = ("auto", "triton", "torch")
 # (rows per program, vocab block, warps). GPU: one token row per program, the vocab in
@@ -115,19 +116,19 @@ def _distill_kl_rows(
     tl.store(kl_ptr + rows, kl, mask=row_ok)
 
 
-def _interpret_enabled() -> bool:
+def interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.cache
-def _jit(fn, interpret: bool):
+def jit_once(fn, interpret: bool):
     # triton.jit reads TRITON_INTERPRET when it decorates a function, not when the
     # kernel launches. Decorating here, once per mode, lets the variable be set
     # after this module (or triton) was imported, e.g. by a test.
     return triton.jit(fn)
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
@@ -140,12 +141,12 @@ RowStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], Non
 
 def _row_step_triton(s_logits, t_logits, kl_out, temperature, grad_scale) -> None:
     rows, vocab = s_logits.shape
-    interpret = _interpret_enabled()
+    interpret = interpret_enabled()
     block_m, block_v, num_warps = INTERPRET_LAUNCH if interpret else GPU_LAUNCH
-    block_m = min(block_m, _next_power_of_2(rows))
-    block_v = min(block_v, _next_power_of_2(vocab))
+    block_m = min(block_m, next_power_of_2(rows))
+    block_v = min(block_v, next_power_of_2(vocab))
     grid = (triton.cdiv(rows, block_m),)
-    _jit(_distill_kl_rows, interpret)[grid](
+    jit_once(_distill_kl_rows, interpret)[grid](
         s_logits, t_logits, kl_out, rows, vocab, s_logits.stride(0), t_logits.stride(0),
         1.0 / temperature, grad_scale,
         BLOCK_M=block_m, BLOCK_V=block_v,
@@ -202,7 +203,7 @@ def _nonfinite_error(names: list[str]) -> NonFiniteInputError:
 _cuda_mm_out_dtype = [True]  # torch.mm(..., out_dtype=) works on this CUDA build (until one call fails)
 
 
-def _add_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+def add_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
     """grad_w += grad_logits^T @ hidden, one chunk's share of d loss / d student_weight.
 
     Half-precision inputs sum into a float32 grad_w: on CUDA through a bf16/fp16 GEMM
@@ -264,7 +265,7 @@ class FusedLinearKL(torch.autograd.Function):
             if need_hidden:
                 torch.mm(s_logits, w_s, out=grad_h[start:end])
             if need_weight:
-                _add_weight_grad(grad_w, s_logits, hs)
+                add_weight_grad(grad_w, s_logits, hs)
             del s_logits
 
         loss = kl_rows.sum() * (temperature * temperature / max(rows, 1))
@@ -329,17 +330,20 @@ def _check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, 
         raise ValueError(f"fused_linear_kl: inputs are on several devices {sorted(map(str, devices))}")
 
 
-def _pick_backend(backend: str, student_hidden: torch.Tensor) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"fused_linear_kl: backend must be one of {_BACKENDS}, got {backend!r}")
+def pick_backend(backend: str, tensor: torch.Tensor, caller: str = "fused_linear_kl",
+                 allowed: tuple[str, ...] = _BACKENDS) -> str:
+    """``backend`` checked against ``allowed``, "auto" resolved: Triton for CUDA tensors when it
+    imports, else the chunked torch path; "triton" on CPU only under TRITON_INTERPRET=1."""
+    if backend not in allowed:
+        raise ValueError(f"{caller}: backend must be one of {allowed}, got {backend!r}")
     if backend == "auto":
-        return "triton" if (student_hidden.is_cuda and triton is not None) else "torch"
+        return "triton" if (tensor.is_cuda and triton is not None) else "torch"
     if backend == "triton":
         if triton is None:
-            raise RuntimeError("fused_linear_kl(backend='triton'): triton is not importable here")
-        if not student_hidden.is_cuda and not _interpret_enabled():
+            raise RuntimeError(f"{caller}(backend='triton'): triton is not importable here")
+        if not tensor.is_cuda and not interpret_enabled():
             raise RuntimeError(
-                "fused_linear_kl(backend='triton') got CPU tensors: Triton runs on CPU only in its "
+                f"{caller}(backend='triton') got CPU tensors: Triton runs on CPU only in its "
                 "interpreter; set TRITON_INTERPRET=1, move the tensors to a GPU, or use backend='torch'")
     return backend
 
@@ -375,7 +379,7 @@ def fused_linear_kl(
     algorithm in PyTorch, e.g. for CPU training).
     """
     _check_args(student_hidden, student_weight, teacher_hidden, teacher_weight, temperature, mask, chunk_size)
-    backend = _pick_backend(backend, student_hidden)
+    backend = pick_backend(backend, student_hidden)
     if chunk_size is None:
         chunk_size = default_chunk_size(student_hidden.numel() // student_hidden.shape[-1],
                                         student_weight.shape[0], backend)

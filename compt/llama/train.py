@@ -6,8 +6,9 @@ loss / perplexity.
 whole loss in its own ``forward``: the token-level KL to the teacher needs the student's
 output-embedding weight outside ``lm_head``'s forward, so the weight is registered as an
 external parameter of the wrapper and ZeRO-3 gathers it for the wrapper's forward and
-backward. The KL goes through ``compt.kernels.fused_linear_kl``, which never builds the
-full [tokens x vocab] logits of either model.
+backward. Cross-entropy and KL go through ``compt.kernels.fused_lm_head_loss`` together, which
+never builds the full [tokens x vocab] logits of either model (at a large vocabulary the largest
+tensors of the step otherwise).
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from compt.devices import placement
-from compt.kernels import distill_kl_reference, fused_linear_kl
+from compt.kernels import fused_lm_head_loss
 from compt.llama.model import TIED_HEAD, build_llama
+from compt.partition import full_tensor
 from compt.sampler import GlobalBatchSampler
+from compt.text.stream import TextStream, stream_loader
 from compt.loss import LossParts
 
 PREFIX = "lm."
@@ -41,18 +43,14 @@ class ChainCausalLM(torch.nn.Module):
                 alpha: float = 0.0, temperature: float = 1.0, backend: str = "auto") -> tuple[torch.Tensor, ...]:
         """``blocks`` [B, T+1] token ids; ``teacher`` = (its final hidden states [B, T, d], its lm_head weight).
         Returns (total, next-token cross-entropy) or, distilling, (total, cross-entropy, KL): plain tensors,
-        so ZeRO-3's backward hooks can find them."""
+        so ZeRO-3's backward hooks can find them; only ``total`` carries gradients. ``backend`` as the
+        config's ``kernels`` ("reference": the naive full-logits loss)."""
         inputs, targets = blocks[:, :-1], blocks[:, 1:]
         hidden = self.lm.model(input_ids=inputs).last_hidden_state
-        weight = self.lm.lm_head.weight
-        ce = F.cross_entropy(F.linear(hidden, weight).flatten(0, 1).float(), targets.reshape(-1))
-        if teacher is None or not alpha:
-            return ce, ce
-        if backend == "reference":  # the naive PyTorch definition (full logits), as kernels: reference asks
-            kl = distill_kl_reference(hidden, weight, teacher[0], teacher[1], temperature=temperature)
-        else:
-            kl = fused_linear_kl(hidden, weight, teacher[0], teacher[1], temperature=temperature, backend=backend)
-        return ce + alpha * kl, ce, kl
+        distill = teacher is not None and bool(alpha)
+        head = fused_lm_head_loss(hidden, self.lm.lm_head.weight, targets, *(teacher if distill else (None, None)),
+                                  alpha=alpha, temperature=temperature, backend=backend)
+        return (head.total, head.ce, head.kl) if distill else (head.total, head.ce)
 
 
 def loss_parts(out: tuple[torch.Tensor, ...]) -> LossParts:
@@ -61,8 +59,8 @@ def loss_parts(out: tuple[torch.Tensor, ...]) -> LossParts:
 
 
 def teacher_outputs(teacher: ChainCausalLM, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        return teacher.lm.model(input_ids=blocks[:, :-1]).last_hidden_state, teacher.lm.lm_head.weight
+    with torch.no_grad():  # a sharded (ZeRO-3) teacher's head is read outside lm_head's forward: a gathered copy
+        return teacher.lm.model(input_ids=blocks[:, :-1]).last_hidden_state, full_tensor(teacher.lm.lm_head.weight)
 
 
 def export_name(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] | None:
@@ -115,6 +113,9 @@ def train_loader(ds, *, global_batch: int, steps: int, rank: int, world: int, ga
                  start_step: int = 0, **options) -> DataLoader:
     """This rank's batches of token blocks; ``options`` are DataLoader kwargs (compt.loading.loader_options).
     Blocks are read, not sampled: no randomness for the worker count to change."""
+    if isinstance(ds, TextStream):  # packed in the loader processes; resumed from the step (compt.text.stream)
+        return stream_loader(ds, global_batch=global_batch, steps=steps, rank=rank, world=world, gas=gas, seed=seed,
+                             start_step=start_step, collate_fn=_collate, **options)
     sampler = GlobalBatchSampler(len(ds), global_batch, steps, rank, world, gas, seed, start_step)
     return DataLoader(_Blocks(ds), batch_sampler=sampler, collate_fn=_collate, **options)
 
