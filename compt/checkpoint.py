@@ -11,11 +11,22 @@ in the tag, hashed by the ranks in parallel) exists; only then does ``latest`` p
 it. Resume verifies the hashes before loading and falls back to older complete tags
 when the newest one is corrupt or cannot be loaded. DeepSpeed's files are loaded with
 ``torch.load(weights_only=True)``, allowing only the few DeepSpeed types they hold.
+
+Elastic resume: a ZeRO tag saved on N ranks is resumed on M != N ranks through DeepSpeed's
+universal checkpoint. Rank 0 converts the verified tag with ``ds_to_universal`` into
+``universal/<tag>`` beside it, the ranks hash the result like a save (its own
+``compt-sha256.json``, plus the source tag's index digest so a replaced tag is converted
+again), and the engine loads it with DeepSpeed's ``load_universal`` switched on for that load.
+The data position still needs only the step: every family's batches come from
+compt.sampler.GlobalBatchSampler, a function of (seed, step) over the global batch.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -31,6 +42,10 @@ from compt.rundir import RunDirError, atomic_write_text, contained_path
 from compt.weights import sha256_file
 
 HASHES = "compt-sha256.json"
+UNIVERSAL = "universal"  # <checkpoints>/universal/<tag>: a tag converted for another rank count
+SOURCE = "compt-source.json"  # in a conversion: which tag (and index digest) it was made from
+# DeepSpeed writes one ZeRO optimizer partition per data-parallel rank (ds_to_universal parses the same names).
+_ZERO_PARTITION = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
 
 
 class StageInterrupted(RuntimeError):
@@ -87,6 +102,15 @@ def _safe_globals() -> list[type]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum]
 
 
+@contextlib.contextmanager
+def _deepspeed_types_allowed():
+    """torch's safe_globals context removes its types on exit even where an outer one had added them, so a
+    nested use (the checkpoint engine's load inside weights_only_loading) adds only what is missing."""
+    missing = [t for t in _safe_globals() if t not in torch.serialization.get_safe_globals()]
+    with torch.serialization.safe_globals(missing):
+        yield
+
+
 def use_weights_only_loading(engine) -> None:
     """Make the engine's checkpoint engine load with ``weights_only=True`` (no arbitrary pickles)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -96,10 +120,55 @@ def use_weights_only_loading(engine) -> None:
         return  # a user-chosen engine (fast/decoupled writers) keeps its own loader
 
     def load(path: str, map_location=None):
-        with torch.serialization.safe_globals(_safe_globals()):
+        with _deepspeed_types_allowed():
             return torch.load(path, map_location=map_location, weights_only=True)
 
     ce.load = load
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Every ``torch.load`` inside is ``weights_only=True`` with DeepSpeed's few types allowed, including
+    calls that ask for ``weights_only=False``: ds_to_universal and ZeRO-3's universal loader call torch.load
+    themselves, past the checkpoint engine that use_weights_only_loading patches."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with _deepspeed_types_allowed():
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def saved_ranks(names) -> int | None:
+    """The data-parallel rank count a tag was saved on, from its file names; None without ZeRO partitions
+    (a plain optimizer state loads on any rank count)."""
+    ranks = {int(m.group(1)) for n in names if (m := _ZERO_PARTITION.fullmatch(Path(n).name))}
+    return max(ranks) + 1 if ranks else None
+
+
+def convert_to_universal(src: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal over one tag, in this process. Its worker pools are turned off: they
+    fork this rank, whose gloo and intra-op threads a fork does not carry safely (DeepSpeed takes the same
+    serial path in its own tests). compt's models have no tensor or pipeline parallelism, so the only
+    universal_checkpoint_info the conversion needs is its version, which ``inject_missing_state`` supplies
+    (ZeRO-3 conversion does not read it; ZeRO-1/2 conversion asserts it)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    log = io.StringIO()  # its progress bars and prints; the tail goes into the error when it fails
+    try:
+        with weights_only_loading(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+    except Exception as e:
+        tail = " | ".join(log.getvalue().strip().splitlines()[-3:])
+        raise RuntimeError(f"{type(e).__name__}: {e}" + (f" (ds_to_universal said: {tail})" if tail else "")) from e
 
 
 class StopRequest:
@@ -213,32 +282,114 @@ class StageCheckpointer:
                 problems.append(f"{path} does not match its sha256 (truncated or corrupt)")
         return "; ".join(sum(_gather(problems), [])) or None
 
+    def _index(self, tag: str) -> dict[str, str]:
+        """Hash every file of ``tag`` (the ranks in parallel); rank 0 writes them as its ``compt-sha256.json``."""
+        share = {str(p.relative_to(self.dir / tag)): sha256_file(p) for p in _my_share(self._files(tag))}
+        hashes = {k: v for part in _gather(share) for k, v in part.items()}
+        if self.rank == 0:
+            atomic_write_text(self.dir / tag / HASHES, json.dumps(hashes, indent=1, sort_keys=True))
+        return hashes
+
     # -- resume --------------------------------------------------------------------------
     def resume(self) -> dict[str, Any] | None:
         """Load the newest good checkpoint into the engine; its client state, or None when there is none.
 
-        Corrupt or unloadable checkpoints are reported and skipped in favour of older ones.
+        Corrupt or unloadable checkpoints are reported and skipped in favour of older ones. A tag saved
+        on another rank count is loaded through its universal conversion, and the resume is recorded
+        in the client state's metrics (``elastic_resumes``: step, from_ranks, to_ranks).
         """
-        failures = []
+        failures, world = [], _rank_world()[1]
         for tag in self.complete_tags(self.dir):
-            problem = self.verify(tag)
+            problem, saved = self.verify(tag), None
             if problem is None:
+                saved = saved_ranks(json.loads((self.dir / tag / HASHES).read_text()))
+                elastic = saved is not None and saved != world
                 try:
-                    path, client = self.engine.load_checkpoint(str(self.dir), tag=tag)
-                    problem = None if path is not None else "DeepSpeed found nothing to load"
+                    problem = self._universal(tag, saved) if elastic else None
+                    if problem is None:
+                        path, client = self._load(f"{UNIVERSAL}/{tag}" if elastic else tag, elastic)
+                        problem = None if path is not None else "DeepSpeed found nothing to load"
                 except Exception as e:  # noqa: BLE001 - reported, then the next older tag is tried
                     problem = f"loading failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                if problem and elastic:
+                    problem = (f"saved on {saved} ranks, resuming on {world} through DeepSpeed's universal "
+                               f"checkpoint {self.dir / UNIVERSAL / tag}: {problem}")
             if any_rank(problem is not None)[0]:
                 failures.append(f"{self.dir / tag}: {problem or 'failed on another rank'}")
                 _warn(self.rank, f"checkpoint {self.dir / tag} is unusable ({problem}); trying an older one")
                 continue
             if failures:
                 _warn(self.rank, f"resumed from the older checkpoint {self.dir / tag}")
+            if elastic:
+                client.setdefault("metrics", {}).setdefault("elastic_resumes", []).append(
+                    {"step": client.get("step"), "from_ranks": saved, "to_ranks": world})
+                if self.rank == 0:
+                    print(f"{self.dir / tag}: saved on {saved} rank(s), resumed on {world} through DeepSpeed's "
+                          f"universal checkpoint {self.dir / UNIVERSAL / tag}", flush=True)
             return client
         if failures:
-            raise CheckpointError("no usable checkpoint in " + str(self.dir) + ":\n  " + "\n  ".join(failures)
-                                  + f"\ndelete {self.dir} to restart the stage from its beginning")
+            elastic = any("universal checkpoint" in f for f in failures)
+            raise CheckpointError(
+                "no usable checkpoint in " + str(self.dir) + ":\n  " + "\n  ".join(failures)
+                + ("\nrun on the rank count a checkpoint was saved on to resume it directly, or " if elastic
+                   else "\n") + f"delete {self.dir} to restart the stage from its beginning")
         return None
+
+    def _load(self, tag: str, universal: bool) -> tuple[Any, dict[str, Any]]:
+        """The engine's load_checkpoint of ``tag``; ``universal``: through DeepSpeed's universal loader.
+
+        DeepSpeed reads its ``load_universal`` setting only while loading, so it is switched on for this
+        one load: which tags need it is known per tag, after the engine exists (a fallback to an older tag
+        may meet another rank count)."""
+        if not universal:
+            return self.engine.load_checkpoint(str(self.dir), tag=tag)
+        config = self.engine._config  # noqa: SLF001 - see the docstring; restored below
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        before, config.load_universal_checkpoint = config.load_universal_checkpoint, True
+        try:
+            with weights_only_loading():
+                loaded = self.engine.load_checkpoint(str(self.dir), tag=tag)
+        finally:
+            config.load_universal_checkpoint = before
+        # ZeRO-3's universal loader gives every parameter group the first group's settings, so the
+        # no-decay group would come back decayed; settings that differed between groups are put back.
+        for key in {k for g in groups for k in g}:
+            if len({repr(g.get(key)) for g in groups}) > 1:
+                for group, kept in zip(optimizer.param_groups, groups):
+                    group[key] = kept[key]
+        return loaded
+
+    def _universal(self, tag: str, saved: int) -> str | None:
+        """Make ``universal/<tag>`` (rank 0 converts, all ranks hash), or check an earlier conversion of
+        the same tag; why it cannot be used, or None."""
+        src, out = self.dir / tag, self.dir / UNIVERSAL / tag
+        source = {"tag": tag, "ranks": saved, "index_sha256": sha256_file(src / HASHES)}
+        try:
+            reusable = json.loads((out / SOURCE).read_text()) == source and (out / HASHES).is_file()
+        except (OSError, ValueError):
+            reusable = False
+        if all(_gather(reusable)) and self.verify(f"{UNIVERSAL}/{tag}") is None:
+            return None
+        partial = self.dir / UNIVERSAL / f"partial-{tag}"
+        problem = None
+        if self.rank == 0:
+            try:
+                for old in (out, partial):
+                    shutil.rmtree(old, ignore_errors=True)
+                convert_to_universal(src, partial)
+                atomic_write_text(partial / SOURCE, json.dumps(source, indent=1, sort_keys=True))
+            except Exception as e:  # noqa: BLE001 - every rank hears it below
+                shutil.rmtree(partial, ignore_errors=True)
+                problem = f"converting failed: {e}"
+        problem = _gather(problem)[0]
+        if problem is None:
+            self._index(f"{UNIVERSAL}/{partial.name}")
+            if self.rank == 0:
+                partial.rename(out)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return problem
 
     # -- save ----------------------------------------------------------------------------
     def poll(self, step: int, total: int, stop: StopRequest) -> tuple[bool, bool]:
@@ -258,10 +409,8 @@ class StageCheckpointer:
         previous = self.complete_tags(self.dir) if self.dir.is_dir() else []
         try:
             self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-            share = {str(p.relative_to(self.dir / tag)): sha256_file(p) for p in _my_share(self._files(tag))}
-            hashes = {k: v for part in _gather(share) for k, v in part.items()}
+            self._index(tag)
             if self.rank == 0:
-                atomic_write_text(self.dir / tag / HASHES, json.dumps(hashes, indent=1, sort_keys=True))
                 atomic_write_text(self.dir / "latest", tag)
         except Exception as e:
             if self.rank == 0:
@@ -276,8 +425,8 @@ class StageCheckpointer:
         self._last = time.monotonic()
         if self.rank == 0:
             keep = set(self.complete_tags(self.dir)[: self.keep])
-            for old in self.dir.glob("step*"):
-                if old.is_dir() and old.name not in keep:
+            for old in [*self.dir.glob("step*"), *(self.dir / UNIVERSAL).glob("*step*")]:
+                if old.is_dir() and old.name not in keep:  # conversions go with their tags
                     shutil.rmtree(old, ignore_errors=True)  # older tags and partial saves of a crashed run
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
