@@ -373,7 +373,7 @@ def _stand_in(raw: dict, loc: list, kind: str) -> tuple[str, Callable[[], None]]
     chain = []  # (container, key) from the top down
     node: Any = raw
     for key in loc:
-        if isinstance(node, dict) and key in node or isinstance(node, list) and isinstance(key, int)                 and 0 <= key < len(node):
+        if isinstance(node, dict) and key in node or isinstance(node, list) and key in range(len(node)):
             chain.append((node, key))
             node = node[key]
         else:
@@ -398,7 +398,7 @@ def _stand_in(raw: dict, loc: list, kind: str) -> tuple[str, Callable[[], None]]
 def concerns(problem: str, paths: list[str]) -> bool:
     """Whether ``problem`` ("field: ...") is about one of ``paths`` or a field inside one."""
     field = problem.split(":", 1)[0].split(" ", 1)[0]
-    return any(field == p or field.startswith(p + ".") or p.startswith(field + ".") and field != "stages"
+    return any(field == p or field.startswith(p + ".") or (p.startswith(field + ".") and field != "stages")
                for p in paths)
 
 
