@@ -204,7 +204,8 @@ def _load_snippet(repo_id: str | None, subfolder: str | None) -> list[str]:
             f"tokenizer = AutoTokenizer.from_pretrained({where}{sub})",
             'inputs = tokenizer("def main():", return_tensors="pt")',
             "logits = model(**inputs).logits",
-            "```", "", "The tokenizer is the run's own byte-level BPE (`<s>` is prepended, as in LLaMA).", ""]
+            "```", "", "The tokenizer is the one the chain trained with: the run's own byte-level BPE (`<s>` is "
+            "prepended, as in LLaMA), or the tokenizer its config gave (`data.tokenizer_path`).", ""]
 
 
 def stage_card(stage: FinishedStage, license: str = "other", repo_id: str | None = None,

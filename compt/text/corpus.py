@@ -85,28 +85,33 @@ def _jsonl_documents(cfg: TextDataConfig) -> list[str]:
     for file in cfg.files():
         with open(file, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"data.paths: {file} line {number} is not JSON ({error.msg}); "
-                                     "give JSON-lines files, one object per line") from None
-                if not isinstance(row, dict) or cfg.text_key not in row:
-                    keys = list(row) if isinstance(row, dict) else type(row).__name__
-                    raise ValueError(f"data.text_key: '{cfg.text_key}' is not in {file} line {number} "
-                                     f"(keys: {keys}); set data.text_key to the field holding the text")
-                text = row[cfg.text_key]
-                if not isinstance(text, str):
-                    raise ValueError(f"data.text_key: '{cfg.text_key}' in {file} line {number} holds "
-                                     f"a {type(text).__name__}, not text; point data.text_key at a "
-                                     "string field")
-                documents.append(text)
+                if line.strip():
+                    documents.append(jsonl_text(line, cfg.text_key, file, number))
     return documents
 
 
+def jsonl_text(line: str | bytes, text_key: str, file: Path, number: int) -> str:
+    """The text of one JSON line, or a ValueError naming the file, the line and the fix."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        why = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise ValueError(f"data.paths: {file} line {number} is not JSON ({why}); "
+                         "give JSON-lines files, one object per line") from None
+    if not isinstance(row, dict) or text_key not in row:
+        keys = list(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"data.text_key: '{text_key}' is not in {file} line {number} "
+                         f"(keys: {keys}); set data.text_key to the field holding the text")
+    text = row[text_key]
+    if not isinstance(text, str):
+        raise ValueError(f"data.text_key: '{text_key}' in {file} line {number} holds "
+                         f"a {type(text).__name__}, not text; point data.text_key at a "
+                         "string field")
+    return text
+
+
 @contextlib.contextmanager
-def _offline() -> Iterator[None]:
+def offline() -> Iterator[None]:
     """datasets and huggingface_hub read HF_HUB_OFFLINE once, at import; set their copies so a
     dataset name resolves from the cache only and never waits on the network."""
     import datasets
@@ -125,7 +130,7 @@ def _hf_documents(cfg: TextDataConfig) -> list[str]:
 
     path = Path(cfg.hf_path).expanduser()
     saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-    with _offline():
+    with offline():
         if path.is_dir() and saved:
             loaded = datasets.load_from_disk(str(path))
         else:

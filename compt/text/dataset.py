@@ -1,5 +1,6 @@
 """Packed language-model data: documents tokenized, each followed by </s>, concatenated into one
 stream and cut into fixed blocks of seq_len + 1 tokens, served by index so a trainer can shard.
+build_text_datasets reads the corpus whole, or hands a streamed one to compt.text.stream.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tokenizers import Tokenizer
 
 from compt.text.config import TextDataConfig
 from compt.text.corpus import Split, load_documents, split_documents
-from compt.text.tokenizer import (EOS, TOKENIZER_FILE, as_transformers, load_cached_tokenizer,
+from compt.text.tokenizer import (EOS, TOKENIZER_FILE, as_transformers, install_tokenizer, load_cached_tokenizer,
                                   save_tokenizer, train_tokenizer)
 
 if TYPE_CHECKING:
@@ -63,10 +64,11 @@ def inputs_and_targets(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return blocks[..., :-1], blocks[..., 1:]
 
 
-def token_stream(tokenizer: Tokenizer, documents: Sequence[str]) -> np.ndarray:
-    """Every document's tokens followed by </s>, concatenated in order. No <s>: packed blocks
-    start mid-document anyway, and one separator is enough to learn where a document ends."""
-    eos = tokenizer.token_to_id(EOS)
+def token_stream(tokenizer: Tokenizer, documents: Sequence[str], eos_id: int | None = None) -> np.ndarray:
+    """Every document's tokens followed by </s> (or a given tokenizer's eos_id), concatenated in order.
+    No <s>: packed blocks start mid-document anyway, and one separator is enough to learn where a
+    document ends."""
+    eos = tokenizer.token_to_id(EOS) if eos_id is None else eos_id
     dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.int32
     pieces = []
     for start in range(0, len(documents), ENCODE_BATCH):
@@ -84,19 +86,24 @@ class TextData(NamedTuple):
 
 
 def build_text_datasets(cfg: TextDataConfig, cache_dir: str | Path) -> TextData:
-    """Train and val blocks and the tokenizer (trained on the train documents only, cached in
-    cache_dir, normally the run directory). Validates the config first, reporting every problem."""
+    """Train and val blocks and the tokenizer (trained on the train documents only, or data.tokenizer_path,
+    in cache_dir: the run's text-data directory). Validates the config first, reporting every problem.
+    With data.streaming the train split is a compt.text.stream.TextStream."""
     problems = cfg.problems()
     if problems:
         raise ValueError("invalid text data config:\n  " + "\n  ".join(problems))
+    if cfg.streaming:
+        from compt.text.stream import build_text_stream
+
+        return build_text_stream(cfg, cache_dir)
     documents = load_documents(cfg)
-    split, tokenizer = _hold_out(documents, cfg, Path(cache_dir))
-    train_tokens = token_stream(tokenizer, [documents[i] for i in split.train])
+    split, tokenizer, eos = _hold_out(documents, cfg, Path(cache_dir))
+    train_tokens = token_stream(tokenizer, [documents[i] for i in split.train], eos)
     if len(train_tokens) < cfg.seq_len + 1:
         raise ValueError(f"data.seq_len: the training split has {len(train_tokens)} tokens, less than "
                          f"one block of seq_len + 1 = {cfg.seq_len + 1}; lower data.seq_len or give "
                          "more text")
-    val_tokens = token_stream(tokenizer, [documents[i] for i in split.val])
+    val_tokens = token_stream(tokenizer, [documents[i] for i in split.val], eos)
     return TextData(
         train=PackedTextDataset(train_tokens, cfg.seq_len, split.train),
         val=PackedTextDataset(val_tokens, cfg.seq_len, split.val),
@@ -104,19 +111,23 @@ def build_text_datasets(cfg: TextDataConfig, cache_dir: str | Path) -> TextData:
     )
 
 
-def _hold_out(documents: list[str], cfg: TextDataConfig, cache_dir: Path) -> tuple[Split, Tokenizer]:
-    """The split and the tokenizer of its train documents, with val holding at least one block.
-    A val split too short for a block takes the next document in its seeded order; since the
-    tokenizer depends on the train documents, each try's tokenizer stays in memory and only the
-    final one is written, so the cache never holds a tokenizer for a split that was not used."""
+def _hold_out(documents: list[str], cfg: TextDataConfig, cache_dir: Path) -> tuple[Split, Tokenizer, int]:
+    """The split, the tokenizer of its train documents (or the given one) and its end-of-document id, with
+    val holding at least one block. A val split too short for a block takes the next document in its seeded
+    order; since the tokenizer depends on the train documents, each try's tokenizer stays in memory and only
+    the final one is written, so the cache never holds a tokenizer for a split that was not used."""
+    given = install_tokenizer(cfg.tokenizer_path, cache_dir) if cfg.tokenizer_path is not None else None
     min_val = 1
     while True:
         split = split_documents(documents, cfg.val_fraction, cfg.seed, min_val)
         val = [documents[i] for i in split.val]
         # Byte-level BPE never gives more tokens than bytes, so this needs no tokenizer.
         short = sum(len(d.encode("utf-8")) for d in val) + len(val) < cfg.seq_len + 1
-        tokenizer = None
-        if not short:
+        if not short and given is not None:
+            short = len(token_stream(given.tokenizer, val, given.eos_id)) < cfg.seq_len + 1
+            if not short:
+                return split, given.tokenizer, given.eos_id
+        elif not short:
             train = [documents[i] for i in split.train]
             tokenizer = load_cached_tokenizer(train, cfg.vocab_size, cache_dir)
             cached = tokenizer is not None
@@ -125,7 +136,7 @@ def _hold_out(documents: list[str], cfg: TextDataConfig, cache_dir: Path) -> tup
             if not short:
                 if not cached:
                     save_tokenizer(tokenizer, train, cfg.vocab_size, cache_dir)
-                return split, tokenizer
+                return split, tokenizer, tokenizer.token_to_id(EOS)
         if len(split.train) == 1:
             raise ValueError(
                 f"data.seq_len: even holding out all but one of the {len(documents)} documents "

@@ -1,5 +1,6 @@
 """A byte-level BPE tokenizer for LLaMA-style models, trained locally on the training split and
-cached in the run directory as tokenizer.json beside a fingerprint of what it was trained on.
+cached in the run directory as tokenizer.json beside a fingerprint of what it was trained on; or an
+existing tokenizer (a tokenizer.json or a transformers folder), copied into the run directory.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -22,6 +23,9 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS: tuple[str, ...] = (UNK, BOS, EOS, PAD)
 TOKENIZER_FILE = "tokenizer.json"
 FINGERPRINT_FILE = "tokenizer.fingerprint.json"
+# What transformers' save_pretrained writes beside tokenizer.json: its presence marks a given tokenizer,
+# loaded with AutoTokenizer (its own special tokens), not with compt's.
+TRANSFORMERS_CONFIG = "tokenizer_config.json"
 # Bump when the training recipe below changes, so cached tokenizers are retrained.
 RECIPE = 1
 MIN_FREQUENCY = 2  # a pair seen once is noise, not a merge worth a vocabulary slot
@@ -100,6 +104,7 @@ def save_tokenizer(tokenizer: Tokenizer, documents: Sequence[str], vocab_size: i
         "tokenizers": tokenizers.__version__,
     }
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / TRANSFORMERS_CONFIG).unlink(missing_ok=True)  # a given tokenizer's, from an earlier config
     _write_atomically(directory / TOKENIZER_FILE, text)
     _write_atomically(directory / FINGERPRINT_FILE, json.dumps(record, indent=2) + "\n")
     return directory / TOKENIZER_FILE
@@ -114,7 +119,8 @@ def load_or_train_tokenizer(documents: Sequence[str], vocab_size: int, directory
 
 def as_transformers(path: str | Path) -> PreTrainedTokenizerFast:
     """The tokenizer as transformers' fast tokenizer, from tokenizer.json or its directory, offline.
-    Its save_pretrained writes a folder AutoTokenizer.from_pretrained loads without the network."""
+    Its save_pretrained writes a folder AutoTokenizer.from_pretrained loads without the network.
+    A directory that holds a given tokenizer (install_tokenizer) loads as that tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
@@ -123,11 +129,93 @@ def as_transformers(path: str | Path) -> PreTrainedTokenizerFast:
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}; build the text data first "
                                 "(build_text_datasets writes it to the run directory)")
+    if (path.parent / TRANSFORMERS_CONFIG).is_file():
+        return _auto_tokenizer(path.parent)
     return PreTrainedTokenizerFast(
         tokenizer_file=str(path),
         unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         clean_up_tokenization_spaces=False,  # would turn "a , b" into "a, b": decoding must be exact
     )
+
+
+class GivenTokenizer(NamedTuple):
+    tokenizer: Tokenizer  # the fast tokenizer's own object: what the datasets encode with
+    eos_id: int  # ends every document in the packed blocks
+    size: int  # token ids run below this (added tokens included): the model's minimum vocab_size
+
+
+def existing_tokenizer(path: str | Path) -> GivenTokenizer:
+    """A tokenizer.json file (its end-of-document token must be compt's </s>) or a transformers tokenizer
+    folder (its eos_token). Raises ValueError naming data.tokenizer_path and the fix."""
+    loaded = _as_given_transformers(Path(path).expanduser())
+    eos = loaded.eos_token_id
+    if eos is None:
+        raise ValueError(f"data.tokenizer_path: '{path}' has no end-of-sequence token, which packing puts "
+                         "between documents; give a tokenizer with an eos_token (or a '</s>' token)")
+    return GivenTokenizer(loaded.backend_tokenizer, int(eos), len(loaded))
+
+
+def tokenizer_problem(path: str) -> str | None:
+    """Why data.tokenizer_path cannot be used, or None; loads it (a local file, no network)."""
+    where = Path(path).expanduser()
+    give = ("give a tokenizer.json file or a folder written by a transformers tokenizer's save_pretrained; "
+            "to use a hub tokenizer, save_pretrained it on a machine with network first")
+    if not where.exists():
+        return f"data.tokenizer_path: '{path}' does not exist; {give}"
+    if where.is_dir() and not (where / TOKENIZER_FILE).is_file() and not (where / TRANSFORMERS_CONFIG).is_file():
+        return f"data.tokenizer_path: '{path}' holds no {TOKENIZER_FILE} or {TRANSFORMERS_CONFIG}; {give}"
+    try:
+        existing_tokenizer(where)
+    except ValueError as error:
+        return str(error)
+    except Exception as error:  # noqa: BLE001 - tokenizers and transformers raise many types on bad files
+        return f"data.tokenizer_path: '{path}' does not load as a fast tokenizer ({type(error).__name__}: " \
+               f"{error}); {give}"
+    return None
+
+
+def install_tokenizer(path: str | Path, directory: str | Path) -> GivenTokenizer:
+    """Copy the given tokenizer into directory as a transformers folder (what exports and `compt eval`
+    read), unless the same one is there already; returns it as loaded from directory."""
+    directory = Path(directory)
+    wanted = _as_given_transformers(Path(path).expanduser())
+    there = directory / TOKENIZER_FILE
+    if not ((directory / TRANSFORMERS_CONFIG).is_file() and there.is_file()
+            and Tokenizer.from_file(str(there)).to_str() == wanted.backend_tokenizer.to_str()):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / FINGERPRINT_FILE).unlink(missing_ok=True)  # a trained tokenizer's, from an earlier config
+        staging = directory.with_name(f".{directory.name}.{os.getpid()}.partial")
+        wanted.save_pretrained(str(staging))
+        for file in sorted(staging.iterdir()):  # each file replaced atomically: ranks may race here
+            os.replace(file, directory / file.name)
+        staging.rmdir()
+    return existing_tokenizer(directory)
+
+
+def _as_given_transformers(path: Path) -> PreTrainedTokenizerFast:
+    """A folder through AutoTokenizer; a bare tokenizer.json with compt's special tokens, those it has."""
+    if path.is_dir() and (path / TRANSFORMERS_CONFIG).is_file():
+        return _auto_tokenizer(path)
+    from transformers import PreTrainedTokenizerFast
+
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    raw = Tokenizer.from_file(str(file))
+    special = {f"{name}_token": token for name, token in zip(("unk", "bos", "eos", "pad"), SPECIAL_TOKENS)
+               if raw.token_to_id(token) is not None}  # naming one it lacks would add it: a new id
+    return PreTrainedTokenizerFast(tokenizer_object=raw, clean_up_tokenization_spaces=False, **special)
+
+
+def _auto_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    from transformers import AutoTokenizer
+
+    from compt.text.corpus import offline
+
+    with offline():
+        loaded = AutoTokenizer.from_pretrained(str(folder))
+    if not loaded.is_fast:
+        raise ValueError(f"data.tokenizer_path: '{folder}' loads as a slow (Python) tokenizer; give a folder "
+                         "with a tokenizer.json (save_pretrained of a fast tokenizer)")
+    return loaded
 
 
 def _write_atomically(path: Path, text: str) -> None:
