@@ -59,8 +59,8 @@ class Counters:
     def remember(self, bad: list[str]) -> None:
         """Keep the first few bad-sample descriptions this rank met (for the error message)."""
         room = MAX_EXAMPLES - len(self.examples)
-        if room > 0:
-            self.examples += bad[:room]
+        if room > 0:  # distinct ones: a lost shard counts as many bad samples under one description
+            self.examples += [b for b in dict.fromkeys(bad) if b not in self.examples][:room]
 
     def metrics(self) -> dict[str, Any]:
         return {"bad_samples": {"count": self.bad_samples, "of": self.samples,

@@ -97,8 +97,10 @@ def main() -> int:
             print("error: " + "\n  ".join(problems), file=sys.stderr)
         return 2
     if rank == 0:
-        print(f"chain '{cfg.name}': {len(cfg.stages)} stages, {len(train_ds)} train / {len(val_ds)} val samples, "
-              f"{world} rank(s), run dir {run.root}")
+        from compt.streaming import size_text
+
+        print(f"chain '{cfg.name}': {len(cfg.stages)} stages, {size_text(len(train_ds))} train / {len(val_ds)} val "
+              f"samples, {world} rank(s), run dir {run.root}")
 
     # 4. Walk the chain: each stage grows from and aligns to the one before. One set of DeepSpeed monitors
     #    (TensorBoard, CSV, W&B: what the ds_config enables) for the whole chain, on the chain's sample axis.

@@ -139,12 +139,18 @@ def test_webdataset_two_shards(tmp_path):
     assert len(single) == 1 and single[0].caption == "an owl"
 
 
-def test_webdataset_rejects_remote_urls():
+def test_webdataset_remote_specs_stream_and_unreadable_schemes_say_how():
+    """Remote specs used to be rejected; now they stream (tests/test_streaming.py), s3:// says how to read it."""
     cfg = DataConfig(kind="webdataset", train="https://host/shard-{000..009}.tar", val="s3://b/x.tar")
+    assert cfg.streams()
     problems = cfg.problems()
-    assert len(problems) == 2 and all("only local shards" in p for p in problems)
-    with pytest.raises(ValueError, match="only local shards"):
+    assert len(problems) == 1 and problems[0].startswith("data.val:") and "pipe:aws s3 cp" in problems[0]
+    with pytest.raises(ValueError, match="pipe:aws s3 cp"):
         build_dataset(cfg, "train")
+    train = build_dataset(cfg.model_copy(update={"val": "pipe:cat x.tar"}), "train")  # reads nothing yet
+    assert train.urls == [f"https://host/shard-{i:03d}.tar" for i in range(10)]
+    assert DataConfig(kind="webdataset", train="ftp2://h/x.tar", val="pipe:cat x.tar").problems()[0].startswith(
+        "data.train: 'ftp2://h/x.tar': unknown scheme 'ftp2:'")
 
 
 def _damaged_shard(path, how: str) -> tuple[int, list[str]]:

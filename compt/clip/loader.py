@@ -11,15 +11,25 @@ evaluation the bad sample is dropped. Either way the batch carries a description
 each bad sample in ``Batch.bad`` for the trainer to count against data.max_bad_fraction.
 Only a training batch with no readable sample at all stops the stage here (StageFailed).
 Nothing depends on the number of loader workers: every choice is seeded by the sample.
+
+A streamed training set (compt.data.stream) is read in order instead: each loader worker of each rank is a
+reader slot that decodes, augments and collates its own batches; bad samples and unreadable shards are left
+out and counted in ``Batch.bad`` the same way, and each batch carries its slot's read position, which the
+checkpoint keeps (``StreamFeed.state``).
 """
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass, field, fields, replace
+from itertools import islice
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from compt.clip.model import Preprocess
+from compt.data.stream import Lost, StreamedShards
 from compt.faults import StageFailed
 from compt.devices import to_device
 from compt.sampler import GlobalBatchSampler
@@ -34,6 +44,7 @@ class Batch:
     captions: list[str] | None = None
     labels: torch.Tensor | None = None
     bad: list[str] = field(default_factory=list)  # descriptions of bad samples met building this batch
+    position: tuple | None = None  # streamed: (reader slot, its position once this batch was read)
 
     def teacher_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What the teacher reads: its own tensors when its preprocessing differs, else the student's."""
@@ -148,7 +159,7 @@ class TrainFeed:
     def __iter__(self):
         for batch in self.loader:
             if not batch.captions:
-                examples = "\n  ".join(batch.bad[:5])
+                examples = "\n  ".join(list(dict.fromkeys(batch.bad))[:5])
                 raise StageFailed(
                     f"no sample of a training batch could be read: all {len(batch.bad)} tried (the batch's own "
                     "and those drawn in their place) were bad, and no data.max_bad_fraction allows a batch with "
@@ -158,9 +169,105 @@ class TrainFeed:
             yield batch
 
 
+class _StreamBatches(IterableDataset):
+    """One reader slot per loader worker (slot = rank x workers + worker): its shards' samples, decoded, augmented
+    and collated into micro-batches. A batch that cannot be filled because nothing is readable (MAX_TRIES bad
+    samples per slot of the batch, or every shard of a pass lost in a row) comes out empty, and TrainFeed stops
+    the stage naming what was tried."""
+
+    def __init__(self, data: StreamedShards, plan, student: Preprocess, teacher: Preprocess | None, micro: int,
+                 rank: int, world: int, seed: int):
+        self.data, self.plan, self.student, self.teacher = data, plan, student, teacher
+        self.micro, self.rank, self.world, self.seed = micro, rank, world, seed
+
+    def _item(self, sample) -> list:
+        ex = self.data.example(sample)
+        if not ex.caption:
+            raise ValueError("empty caption")
+        if self.teacher is None or self.teacher.key == self.student.key:
+            return [self.student.train_transform(ex.image), ex.caption, ex.label]
+        seed = int(torch.randint(2**62, ()))  # the teacher's crop is the student's
+        out = []
+        for pre in (self.student, self.teacher):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out.append(pre.train_transform(ex.image))
+        return [out[0], ex.caption, ex.label, out[1]]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world * workers
+        reader = self.data.reader(self.plan, slot, slots, self.seed)
+        torch.manual_seed(zlib.crc32(f"{self.seed}:{slot}:{slots}:{reader.position}".encode()))  # augmentation
+        collate = _Collate(self.student, self.teacher, train=True)
+        items, bad, misses, lost_in_row = [], [], 0, 0
+        for got in reader:
+            if isinstance(got, Lost):
+                bad += [got.describe()] * got.weight  # counted as the samples the shard would have held
+                misses, lost_in_row = misses + 1, lost_in_row + 1
+            elif self.data.complete(got):
+                lost_in_row = 0
+                try:
+                    items.append(self._item(got))
+                except Exception as e:  # noqa: BLE001 - any decoding failure is a bad sample
+                    bad.append(f"{got.url} (sample {got.key}): {type(e).__name__}: {e}")
+                    misses += 1
+            if len(items) == self.micro or (not items and (misses >= MAX_TRIES * self.micro
+                                                           or lost_in_row >= reader.per_pass)):
+                batch = collate([(it, []) for it in items])
+                batch.bad, batch.position = bad, (slot, reader.position)
+                yield batch
+                items, bad, misses = [], [], 0
+
+
+class StreamFeed(TrainFeed):
+    """Exactly ``batches`` micro-batches of an endless stream; ``state()`` is where each slot got to in the
+    batches trained on so far (a collective: every rank calls it at each checkpoint)."""
+
+    def __init__(self, loader: DataLoader, batches: int, plan, slots: int):
+        super().__init__(loader)
+        self.batches, self.plan, self.slots = batches, plan, slots
+        self.positions: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for batch in islice(super().__iter__(), self.batches):
+            self.positions[batch.position[0]] = batch.position[1]
+            yield batch
+
+    def state(self) -> dict:
+        parts = [self.positions]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self.positions)
+        return self.plan.state({s: p for part in parts for s, p in part.items()}, self.slots)
+
+
+def stream_loader(ds: StreamedShards, student: Preprocess, teacher: Preprocess | None, *, global_batch: int,
+                  steps: int, rank: int, world: int, gas: int, seed: int, start_step: int = 0,
+                  data_state: dict | None = None, **options) -> StreamFeed:
+    """This rank's training batches from a streamed set, continuing at ``data_state`` (a checkpoint's)."""
+    workers = max(1, options.get("num_workers", 0))
+    slots = world * workers
+    problem = ds.layout_problem(slots, f"{world} rank(s) x {workers} loader worker(s)")
+    if problem:
+        raise StageFailed(problem)
+    plan = ds.plan(seed, slots, data_state)
+    batches = _StreamBatches(ds, plan, student, teacher, global_batch // (world * gas), rank, world, seed)
+    return StreamFeed(DataLoader(batches, batch_size=None, **options), (steps - start_step) * gas, plan, slots)
+
+
 def train_loader(ds, student: Preprocess, teacher: Preprocess | None, *, global_batch: int, steps: int,
-                 rank: int, world: int, gas: int, seed: int, start_step: int = 0, **options) -> TrainFeed:
-    """This rank's training batches; ``options`` are DataLoader kwargs (compt.loading.loader_options)."""
+                 rank: int, world: int, gas: int, seed: int, start_step: int = 0, data_state: dict | None = None,
+                 **options) -> TrainFeed:
+    """This rank's training batches; ``options`` are DataLoader kwargs (compt.loading.loader_options).
+    ``data_state``: a streamed set's position from the checkpoint (map-style sets need only ``start_step``)."""
+    if isinstance(ds, StreamedShards):
+        return stream_loader(ds, student, teacher, global_batch=global_batch, steps=steps, rank=rank, world=world,
+                             gas=gas, seed=seed, start_step=start_step, data_state=data_state, **options)
     sampler = GlobalBatchSampler(len(ds), global_batch, steps, rank, world, gas, seed, start_step)
     return TrainFeed(DataLoader(_Seeded(ds, student, teacher, seed, train=True), batch_sampler=sampler,
                                 collate_fn=_Collate(student, teacher, train=True), **options))

@@ -10,7 +10,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from compt.data.imagefolder import ImageFolderEval
-from compt.data.shards import expand_shards, is_remote
+from compt.data.shards import READABLE_SCHEMES, UNREADABLE_SCHEMES, expand_shards, is_remote, scheme
 
 Kind = Literal["digits", "digit-numbers", "csv", "webdataset", "hf"]
 BUILT_IN: tuple[str, ...] = ("digits", "digit-numbers")  # shipped with compt: no train/val paths
@@ -35,7 +35,7 @@ DEFAULT_KEYS: dict[str, Keys] = {
 WHAT_TO_GIVE = {
     "csv": "the path of an open_clip CSV (columns {image}, {caption})",
     "webdataset": "a local .tar shard, a brace pattern like data/shard-{{000..003}}.tar, "
-    "or a directory of .tar files",
+    "a directory of .tar files, or (streamed) 'pipe:COMMAND' or http(s):// URLs with brace patterns",
     "hf": "a directory written by datasets' save_to_disk, or a path datasets.load_dataset accepts",
 }
 
@@ -64,6 +64,13 @@ class DataConfig(BaseModel):
     # Processes per rank that read and decode samples (0: the training process itself); None: the CPUs
     # per local rank, at most 8 (compt.loading). The weights do not depend on it.
     workers: int | None = None
+    # webdataset only. Streamed shards are read in order (compt.data.stream) instead of indexed at start-up:
+    # true, false, or auto (stream when data.train is remote: 'pipe:', http(s), ...).
+    streaming: bool | Literal["auto"] = "auto"
+    train_samples: int | None = None  # samples in data.train: a streamed set's size, needed for epoch budgets
+    shuffle_buffer: int = 5000  # streamed samples shuffled in a buffer of this many per loader worker (0: none)
+    resampled: bool = False  # streamed shards drawn with replacement (very large sets), no passes
+    shard_retries: int = 2  # a remote shard that fails is opened again this many times before it counts as bad
     # Zero-shot on a class-folder tree (e.g. ImageNet's val) after each stage, besides the val split.
     imagefolder: ImageFolderEval | None = None
 
@@ -75,9 +82,15 @@ class DataConfig(BaseModel):
             self.label_key or default.label,
         )
 
+    def streams(self) -> bool:
+        """Whether data.train is streamed (compt.streaming); then len(train set) is data.train_samples."""
+        if self.kind != "webdataset":
+            return False
+        return self.streaming is True or (self.streaming == "auto" and bool(self.train) and is_remote(self.train))
+
     def problems(self) -> list[str]:
         """Every problem found, each naming its field and fix; cheap (no data read)."""
-        found: list[str] = []
+        found: list[str] = self._streaming_problems()
         if self.kind not in BUILT_IN:
             for field in ("train", "val"):
                 found.extend(self._path_problems(field, getattr(self, field)))
@@ -122,6 +135,20 @@ class DataConfig(BaseModel):
             found.extend(self.imagefolder.problems())
         return found
 
+    def _streaming_problems(self) -> list[str]:
+        found = []
+        if self.kind != "webdataset" and self.streaming is True:
+            found.append(f"data.streaming: only webdataset shards stream (kind is '{self.kind}'); "
+                         "leave it out or set it to false")
+        if self.resampled and not self.streams():
+            found.append("data.resampled: draws streamed shards with replacement; set data.streaming: true "
+                         "(or give remote shards) or leave resampled out")
+        for name, value, low in (("train_samples", self.train_samples, 1), ("shuffle_buffer", self.shuffle_buffer, 0),
+                                 ("shard_retries", self.shard_retries, 0)):
+            if value is not None and value < low:
+                found.append(f"data.{name}: {value} is below {low}; give {low} or more")
+        return found
+
     def _path_problems(self, field: str, path: str | None) -> list[str]:
         keys = self.resolved_keys()
         give = WHAT_TO_GIVE[self.kind].format(image=keys.image, caption=keys.caption)
@@ -129,8 +156,16 @@ class DataConfig(BaseModel):
             return [f"data.{field}: missing for kind '{self.kind}'; give {give}"]
         if self.kind == "webdataset":
             if is_remote(path):
-                return [f"data.{field}: '{path}' is remote but only local shards are supported; "
-                        f"download the shards and give {give}"]
+                s = scheme(path)
+                if s in UNREADABLE_SCHEMES:
+                    return [f"data.{field}: '{path}': no reader for {s}:// URLs; {UNREADABLE_SCHEMES[s]}"]
+                if s not in READABLE_SCHEMES:
+                    return [f"data.{field}: '{path}': unknown scheme '{s}:'; give {give} "
+                            f"(schemes: {', '.join(READABLE_SCHEMES)})"]
+                if field == "train" and self.streaming is False:
+                    return [f"data.train: '{path}' is remote and is read by streaming; set data.streaming to true "
+                            "or auto, or download the shards and give their local path"]
+                return []  # opened when read: a stream, not checked offline
             shards, missing = expand_shards(path)
             if missing:
                 names = ", ".join(f"'{m}'" for m in missing[:3])

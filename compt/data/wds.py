@@ -1,4 +1,5 @@
-"""Map-style access to local webdataset tar shards, without unpacking them.
+"""Map-style access to local webdataset tar shards, without unpacking them (data.streaming false, or auto with
+local shards): exact, bit-identical resume, at the cost of indexing every shard at start-up.
 
 Members are indexed once (shard, byte offset, size); __getitem__ reads one sample. A damaged shard
 (truncated inside a member or a header, garbage in the middle) keeps every sample that can still be
@@ -70,10 +71,7 @@ def _read(f, row: np.ndarray, col: int) -> bytes:
 def build_webdataset(cfg: DataConfig, split: str) -> TarShardDataset:
     spec = getattr(cfg, split)
     if is_remote(spec):
-        raise ValueError(
-            f"data.{split}: '{spec}' is remote; only local shards are supported. "
-            "Download the shards and give their local path or brace pattern"
-        )
+        raise ValueError(f"data.{split}: '{spec}' is remote: it is read streamed (compt.data.stream), not indexed")
     shards, missing = expand_shards(spec)
     if missing or not shards:
         raise ValueError(f"data.{split}: '{spec}' names no existing .tar shard "
