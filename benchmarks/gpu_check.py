@@ -14,7 +14,8 @@ benchmarks/results; a dry run writes only where --out says, else to a fresh temp
     MFU = counted FLOPs per sample (compt.clip.flops.count_sample_flops) x samples/s over the bf16
     peak measured with an 8192^3 matmul on the device (the data-sheet peak is reported beside it);
 (c) kernels: benchmarks/kernel_bench.py in its quick modes, each as a subprocess (fused expansion
-    vs the measured copy bandwidth; fused LLaMA KL head vs naive and Liger-Kernel where importable;
+    vs the measured copy bandwidth; fused LLaMA KL loss and whole LLaMA head (cross-entropy + KL,
+    ``--distill --head``) vs naive and Liger-Kernel where importable;
     fused alignment loss vs eager and torch.compile, last), its JSON and markdown folded in.
 Each part runs in child processes under its own time budget (a share of --budget; time a part does
 not use passes to the next), so a hang or a crash costs one part: it is recorded with the tail of
@@ -162,8 +163,8 @@ KERNEL_ARGS = {
                   "dry": ["--device", "cpu", "--expansion", "--expansion-models", "{teacher}", "{student}",
                           "--reps", "1", "--expansion-ref-reps", "1", "--expansion-ranks", "2",
                           "--bandwidth-gib", "0.01"]},
-    "distill": {"gpu": ["--distill", "--reps", "5", "--warmup", "2"],
-                "dry": ["--device", "cpu", "--distill", "--distill-tokens", "13", "--distill-vocab", "200",
+    "distill": {"gpu": ["--distill", "--head", "--reps", "5", "--warmup", "2"],
+                "dry": ["--device", "cpu", "--distill", "--head", "--distill-tokens", "13", "--distill-vocab", "200",
                         "--distill-dims", "16:16", "--reps", "2", "--warmup", "1"]},
 }
 
@@ -583,8 +584,12 @@ def kernel_summary(mode: str, result: dict) -> dict:
                    max_x_of_bandwidth_limit=max((r["x_of_bandwidth_limit"] for r in ex.get("rows", [])
                                                  if r.get("x_of_bandwidth_limit") is not None), default=None))
     elif mode == "distill":
-        d = result.get("distill", {})
+        d, head = result.get("distill", {}), result.get("head") or {}
         out.update(d.get("targets", {}), impls=d.get("impls"), notes=d.get("notes"))
+        out.update({f"head_{k}": v for k, v in head.get("targets", {}).items()})
+        head_agreement = result.get("head_agreement") or []
+        if head_agreement:
+            out["head_agreement_ok"] = f"{sum(r['ok'] for r in head_agreement)}/{len(head_agreement)}"
     return out
 
 
@@ -659,6 +664,12 @@ def targets(result: dict) -> dict:
                                              dist.get("max_peak_vs_naive"))),
         "distill_time": _target("fused LLaMA KL head time <= naive", dist.get("max_time_vs_naive"),
                                 known(dist.get("fused_not_slower_than_naive"), dist.get("max_time_vs_naive"))),
+        "head_peak_memory": _target("fused LLaMA head (cross-entropy + KL) peak <= 30% of naive",
+                                    dist.get("head_max_peak_vs_naive"),
+                                    known(dist.get("head_fused_peak_at_most_30pct_of_naive"),
+                                          dist.get("head_max_peak_vs_naive"))),
+        "head_time": _target("fused LLaMA head (cross-entropy + KL) time <= naive", dist.get("head_max_time_vs_naive"),
+                             known(dist.get("head_fused_not_slower_than_naive"), dist.get("head_max_time_vs_naive"))),
     }
 
 

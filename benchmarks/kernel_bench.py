@@ -6,6 +6,8 @@ throughput of the fused weight expansion (CUDA only).
     python benchmarks/kernel_bench.py --quick           # a few shapes, for a first look
     python benchmarks/kernel_bench.py --expansion       # weight expansion ViT-B/16 -> ViT-L/16 instead
     python benchmarks/kernel_bench.py --distill         # fused linear KL distillation loss instead
+    python benchmarks/kernel_bench.py --distill --head  # + the whole LLaMA head (cross-entropy + KL)
+    python benchmarks/kernel_bench.py --head            # the LLaMA head alone (also measured on CPU)
 
 What it measures, per shape (B images, C captions per image, embed dim D; bf16 unless --dtype):
 - forward and forward+backward time (median of --reps, CUDA events, after warm-up) and the
@@ -37,11 +39,25 @@ With --distill: the fused linear KL distillation loss (compt.kernels.fused_linea
 (configured as KL(p_t || p_s) only after a numerical check against the reference; else a
 printed note), after an agreement check of both of ours against the reference on the GPU.
 
+With --head: the LLaMA head's whole loss from final hidden states and lm_head weights,
+compt.kernels.fused_lm_head_loss: cross-entropy + alpha * KL for each --distill-dims pair, and
+cross-entropy alone (a stage without a teacher) for each student dim, at --distill-tokens and
+--distill-vocab: peak memory above the inputs and forward+backward time of ``naive``
+(lm_head_loss_reference, full logits of both models), ``fused`` (backend="triton"),
+``torch-chunked`` (backend="torch") and Liger-Kernel's fused linear cross-entropy / JSD losses
+when importable (each after a numerical check), after an agreement check against the reference.
+With --distill its rows go into the distill file (gpu_check.py runs it so); alone, into
+head-<device>.*. ``--head --device cpu`` measures CPU training's head (naive vs torch-chunked;
+peak memory from torch.profiler's allocation records, wall times); only its ``fused`` (Triton
+interpreter) numbers mean nothing there.
+
 Targets (issue 4): fused >= 3x faster than eager and not slower than torch.compile;
 expansion within 2x of the bandwidth limit; distill: fused peak <= 30% of naive's, time
-<= naive's.
+<= naive's. Issue 19: the fused LLaMA head (--head) <= 30% of the naive head's peak memory at
+32k vocabulary and 8k tokens, time <= naive's.
 Outputs: benchmarks/results/kernels-<device>.{json,md} (expansion-<device>.{json,md} with
---expansion, distill-<device>.{json,md} with --distill), with the device, versions and command.
+--expansion, distill-<device>.{json,md} with --distill, head-<device>.{json,md} with --head
+alone), with the device, versions and command.
 Without CUDA it prints a message and exits 0, writing nothing.
 
 ``--device cpu`` is a dry run of this script's own logic (tests/test_kernels_benchmark.py):
@@ -619,9 +635,10 @@ def _distill_ours(temperature: float) -> dict:
     }
 
 
-def _liger_call(cls, beta: float, temperature: float):
-    """A callable (s_h, s_w, t_h, t_w) -> loss over one of Liger-Kernel's fused linear JSD
-    modules, configured as a pure soft (distillation) loss with JSD weight ``beta``.
+def _liger_call(cls, beta: float, temperature: float, hard_weight: float = 0.0, soft_weight: float = 1.0):
+    """A callable (s_h, s_w, t_h, t_w, labels=None) -> loss over one of Liger-Kernel's fused
+    linear JSD modules with JSD weight ``beta``: by default a pure soft (distillation) loss,
+    with ``hard_weight`` its cross-entropy on ``labels`` too (random ones when None).
 
     Their constructor and forward arguments differ across liger_kernel releases (bias
     arguments, chunk_size, jsd_beta vs beta, labels required or optional), so they are
@@ -629,17 +646,19 @@ def _liger_call(cls, beta: float, temperature: float):
     import inspect
 
     init = inspect.signature(cls.__init__).parameters
-    wanted = {"weight_hard_loss": 0.0, "weight_soft_loss": 1.0, "beta": beta, "jsd_beta": beta,
+    wanted = {"weight_hard_loss": hard_weight, "weight_soft_loss": soft_weight, "beta": beta, "jsd_beta": beta,
               "temperature": temperature, "ignore_index": -100}
     module = cls(**{k: v for k, v in wanted.items() if k in init})
     params = [p for name, p in inspect.signature(module.forward).parameters.items()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][4:]
     labels = {}
 
-    def call(s_h, s_w, t_h, t_w):
+    def call(s_h, s_w, t_h, t_w, given_labels=None):
         extra = []
         for p in params:
-            if p.name in ("true_labels", "target", "labels", "shift_labels"):
+            if p.name in ("true_labels", "target", "labels", "shift_labels") and given_labels is not None:
+                extra.append(given_labels)
+            elif p.name in ("true_labels", "target", "labels", "shift_labels"):
                 key = (s_h.shape[0], s_w.shape[0], s_h.device)
                 if key not in labels:  # every token valid: Liger's mean is then over all tokens, as ours
                     labels[key] = torch.randint(0, s_w.shape[0], (s_h.shape[0],), device=s_h.device)
@@ -797,8 +816,8 @@ def distill_benchmark(args, dtype: torch.dtype) -> dict:
     }}
 
 
-def _distill_line(row: dict, impls) -> str:
-    parts = [f"N={row['tokens']} V={row['vocab']} D {row['student_dim']}->{row['teacher_dim']}"]
+def _distill_line(row: dict, impls, label: str | None = None) -> str:
+    parts = [f"N={row['tokens']} V={row['vocab']} " + (label or f"D {row['student_dim']}->{row['teacher_dim']}")]
     for name in impls:
         m = row[name]
         if "error" in m:
@@ -856,6 +875,9 @@ def distill_markdown(result: dict) -> str:
                   + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()) + "."]
     if d["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in d["notes"]]
+    if "head" in result:
+        lines += ["", "## The LLaMA head: cross-entropy + KL (--head)", ""] + head_section(
+            result, result.get("head_agreement"))
     return "\n".join(lines) + "\n"
 
 
@@ -870,6 +892,8 @@ def _write_distill(args, result: dict, dtype: torch.dtype) -> int:
             print("  DISAGREES:", r)
     result["distill"] = distill_benchmark(args, dtype)
     result.pop("alpha", None)
+    if args.head:
+        _run_head(args, result, dtype)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"distill-{device_slug(result['device'])}"
@@ -880,11 +904,339 @@ def _write_distill(args, result: dict, dtype: torch.dtype) -> int:
 
 
 # ---------------------------------------------------------------------------
+# LLaMA head (--head): next-token cross-entropy (+ KL) from hidden states, fused vs naive.
+# ---------------------------------------------------------------------------
+HEAD_IMPLS = ("naive", "fused", "torch-chunked", "liger")
+HEAD_TARGET_PEAK = 0.30  # issue 19: fused head peak <= 30% of naive's, at 32k vocabulary and 8k tokens
+
+
+def head_cases(dims: list[str]) -> list[tuple[int, int | None]]:
+    """(student dim, teacher dim) per --distill-dims pair: cross-entropy + KL; then (student dim,
+    None) per distinct student dim: the cross-entropy alone, as a stage without a teacher has it."""
+    pairs = [tuple(int(x) for x in pair.split(":")) for pair in dims]
+    return pairs + [(s, None) for s in dict.fromkeys(s for s, _ in pairs)]
+
+
+def _head_inputs(tokens: int, student_dim: int, teacher_dim: int | None, vocab: int, dtype: torch.dtype,
+                 seed: int = 0, ignored: float = 0.0):
+    """(hidden, weight, targets, teacher hidden, teacher weight) as _distill_inputs, targets uniform
+    over the vocabulary with a share ``ignored`` of them -100 (padding); no teacher: None, None."""
+    s_h, s_w, t_h, t_w, _ = _distill_inputs(tokens, student_dim, teacher_dim or student_dim, vocab, dtype, seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    targets = torch.randint(0, vocab, (tokens,), device=DEVICE, generator=gen)
+    if ignored:
+        targets[torch.rand(tokens, device=DEVICE, generator=gen) < ignored] = -100
+    if teacher_dim is None:
+        t_h = t_w = None
+    return s_h, s_w, targets, t_h, t_w
+
+
+def _head_ours(alpha: float, temperature: float) -> dict:
+    from compt.kernels import fused_lm_head_loss, lm_head_loss_reference
+
+    def fused(backend):
+        return lambda s_h, s_w, y, t_h, t_w: fused_lm_head_loss(
+            s_h, s_w, y, t_h, t_w, alpha=alpha, temperature=temperature, backend=backend).total
+
+    return {"naive": lambda s_h, s_w, y, t_h, t_w: lm_head_loss_reference(
+                s_h, s_w, y, t_h, t_w, alpha=alpha, temperature=temperature).total,
+            "fused": fused("triton"), "torch-chunked": fused("torch")}
+
+
+def _head_liger(alpha: float, temperature: float, notes: list[str]) -> dict:
+    """{"liger": fn} when liger_kernel imports: its fused linear cross-entropy for the rows without a
+    teacher, its fused linear JSD loss with a hard (cross-entropy) part for the others, each timed
+    only after a numerical check against lm_head_loss_reference (else a note and an error cell)."""
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        notes.append("liger_kernel is not importable: the Liger-Kernel head comparison is skipped.")
+        return {}
+    from compt.kernels import lm_head_loss_reference
+
+    candidates = {"ce": [], "ce+kl": []}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        module = LigerFusedLinearCrossEntropyLoss()
+        candidates["ce"].append(("LigerFusedLinearCrossEntropyLoss", lambda s_h, s_w, y, t_h, t_w: module(s_w, s_h, y)))
+    except Exception as err:  # noqa: BLE001 - any failure of a third-party API is a note
+        notes.append(f"liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss unavailable ({type(err).__name__}: "
+                     f"{str(err)[:200]}).")
+    soft = alpha * temperature ** 2  # Liger weighs hard and soft losses and leaves out Hinton's T^2
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        for beta in (0.0, 1.0):
+            call = _liger_call(LigerFusedLinearJSDLoss, beta, temperature, 1 / (1 + soft), soft / (1 + soft))
+            candidates["ce+kl"].append((f"LigerFusedLinearJSDLoss beta={beta}",
+                                        lambda s_h, s_w, y, t_h, t_w, _c=call: _c(s_h, s_w, t_h, t_w, y) * (1 + soft)))
+    except Exception as err:  # noqa: BLE001
+        notes.append(f"liger_kernel.chunked_loss.LigerFusedLinearJSDLoss unavailable ({type(err).__name__}: "
+                     f"{str(err)[:200]}).")
+    chosen = {}
+    for kind, options in candidates.items():
+        check = _head_inputs(64, 64, 96 if kind == "ce+kl" else None, 1000, torch.float32, seed=7)
+        want = lm_head_loss_reference(*check, alpha=alpha, temperature=temperature).total
+        want_grad = torch.autograd.grad(want, check[0])[0]
+        tried = []
+        for label, fn in options:
+            try:
+                loss = fn(*check)
+                grad = torch.autograd.grad(loss, check[0])[0]
+            except Exception as err:  # noqa: BLE001
+                tried.append(f"{label}: {type(err).__name__}: {str(err)[:200]}")
+                continue
+            errors = (rel_err(loss, want), rel_err(grad, want_grad))
+            tried.append(f"{label}: rel err loss {errors[0]:.1e}, d hidden {errors[1]:.1e}")
+            if max(errors) <= 1e-3:
+                chosen[kind] = fn
+                notes.append(f"liger for {kind} rows = {tried[-1]}")
+                break
+        else:
+            notes.append(f"no Liger-Kernel loss matched the {kind} head: " + "; ".join(tried or ["none available"])
+                         + ". Not timed.")
+    if not chosen:
+        return {}
+
+    def liger(s_h, s_w, y, t_h, t_w):
+        kind = "ce" if t_h is None else "ce+kl"
+        if kind not in chosen:
+            raise RuntimeError(f"no Liger-Kernel loss matched the {kind} head (see notes)")
+        return chosen[kind](s_h, s_w, y, t_h, t_w)
+
+    return {"liger": liger}
+
+
+def _cpu_peak_extra_mib(fn) -> dict:
+    """{"peak_extra_mib": the most bytes torch held on the CPU during one fn() above what it held
+    before}: torch.profiler's allocation records (profile_memory=True) summed in time order. Only
+    torch's own allocations count (not the Triton interpreter's numpy copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                     key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in records:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return {"peak_extra_mib": peak / 2**20}
+
+
+def _head_measure(fn, inputs, reps: int, warmup: int) -> dict:
+    """Forward+backward ms (median) and peak memory above the inputs of one forward+backward (CUDA:
+    torch.cuda.max_memory_allocated; CPU: torch.profiler's allocation records)."""
+    s_h, s_w = inputs[:2]
+
+    def forward_backward():
+        s_h.grad = s_w.grad = None
+        fn(*inputs).backward()
+
+    for _ in range(warmup):
+        forward_backward()
+    s_h.grad = s_w.grad = None
+    out = _peak_extra_mib(forward_backward) if DEVICE == "cuda" else _cpu_peak_extra_mib(forward_backward)
+    out["fwd_bwd_ms"] = _median_ms(forward_backward, reps)  # wall time on CPU
+    s_h.grad = s_w.grad = None
+    return out
+
+
+# (tokens, student dim, teacher dim or None, vocab, temperature, share of targets ignored)
+HEAD_AGREEMENT_CASES = ((1, 64, 64, 1000, 1.0, 0.0), (333, 256, 512, 32000, 2.0, 0.2),
+                        (2048, 1024, None, 32000, 1.0, 0.2))
+DRY_RUN_HEAD_AGREEMENT_CASES = ((1, 16, 16, 50, 1.0, 0.0), (37, 24, 40, 300, 2.0, 0.3), (20, 16, None, 129, 1.0, 0.3))
+
+
+def check_head_agreement(alpha: float = 1.0, cases=None) -> list[dict]:
+    """fused (Triton) and torch-chunked vs lm_head_loss_reference on this device (total, ce, d hidden,
+    d weight, and kl with a teacher). float32: within 1e-5 of the reference. bf16: the reference
+    rounds each term's d logits to bf16 before adding them, the fused head once after, so each is
+    held to the float32 loss of the same bf16 inputs: within twice the reference's error, or 5e-3."""
+    from compt.kernels import fused_lm_head_loss
+
+    def run(inputs, backend, temperature):
+        inputs[0].grad = inputs[1].grad = None
+        out = fused_lm_head_loss(*inputs, alpha=alpha, temperature=temperature, backend=backend)
+        out.total.backward()
+        return [out.total.detach(), out.ce, inputs[0].grad.clone(), inputs[1].grad.clone()] + (
+            [out.kl] if out.kl is not None else [])
+
+    rows = []
+    if cases is None:
+        cases = HEAD_AGREEMENT_CASES if DEVICE == "cuda" else DRY_RUN_HEAD_AGREEMENT_CASES
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-3)):
+        for tokens, sdim, tdim, vocab, temperature, ignored in cases:
+            inputs = list(_head_inputs(tokens, sdim, tdim, vocab, dtype, seed=tokens, ignored=ignored))
+            results = {name: run(inputs, name, temperature) for name in ("reference", "triton", "torch")}
+            if dtype != torch.float32:
+                wide = [x.detach().float().requires_grad_(i < 2) if x is not None and x.is_floating_point() else x
+                        for i, x in enumerate(inputs)]
+                truth = run(wide, "reference", temperature)
+                bound = [max(2 * rel_err(r, t), tol) for r, t in zip(results["reference"], truth)]
+            for name in ("triton", "torch"):
+                errors = [rel_err(f, r) for f, r in zip(results[name], results["reference"])]
+                row = {"impl": "fused" if name == "triton" else "torch-chunked",
+                       "dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "student_dim": sdim,
+                       "teacher_dim": tdim, "vocab": vocab, "temperature": temperature, "ignored": ignored,
+                       "rel_err": errors, "tolerance": tol}
+                if dtype == torch.float32:
+                    row["ok"] = max(errors) <= tol
+                else:
+                    row["rel_err_vs_fp32"] = [rel_err(f, t) for f, t in zip(results[name], truth)]
+                    row["ok"] = all(e <= b for e, b in zip(row["rel_err_vs_fp32"], bound))
+                rows.append(row)
+            del inputs, results
+            _empty_cache()
+    return rows
+
+
+def head_benchmark(args, dtype: torch.dtype) -> dict:
+    notes: list[str] = []
+    impls = {**_head_ours(args.head_alpha, args.temperature), **_head_liger(args.head_alpha, args.temperature, notes)}
+    impls = {name: fn for name, fn in impls.items() if name in args.head_impls}
+    for note in notes:
+        print("note:", note, flush=True)
+    rows = []
+    for student_dim, teacher_dim in head_cases(args.distill_dims):
+        inputs = _head_inputs(args.distill_tokens, student_dim, teacher_dim, args.distill_vocab, dtype)
+        row = {"tokens": args.distill_tokens, "vocab": args.distill_vocab, "student_dim": student_dim,
+               "teacher_dim": teacher_dim, "loss": "ce+kl" if teacher_dim else "ce"}
+        for name, fn in impls.items():
+            try:
+                row[name] = _head_measure(fn, inputs, args.reps, args.warmup)
+            except torch.OutOfMemoryError as err:
+                row[name] = {"error": f"OOM: {str(err)[:200]}"}
+            except Exception as err:  # noqa: BLE001 - a third-party (Liger) failure must not end the run
+                if name != "liger":
+                    raise
+                row[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+            _empty_cache()
+        naive = row.get("naive", {})
+        for name in impls:
+            m = row[name]
+            if "fwd_bwd_ms" in m and "fwd_bwd_ms" in naive:
+                m["time_vs_naive"] = m["fwd_bwd_ms"] / naive["fwd_bwd_ms"]
+            if "peak_extra_mib" in m and "peak_extra_mib" in naive:
+                m["peak_vs_naive"] = m["peak_extra_mib"] / naive["peak_extra_mib"]
+        rows.append(row)
+        print(_head_line(row, impls), flush=True)
+        del inputs
+        _empty_cache()
+    fused = [r["fused"] for r in rows if "time_vs_naive" in r.get("fused", {})]
+    return {"alpha": args.head_alpha, "temperature": args.temperature, "impls": list(impls), "notes": notes,
+            "memory": "torch.cuda.max_memory_allocated" if DEVICE == "cuda" else
+            "torch.profiler allocation records (profile_memory=True) of torch's CPU tensors",
+            "rows": rows, "targets": {
+                "max_peak_vs_naive": max((m["peak_vs_naive"] for m in fused if "peak_vs_naive" in m), default=None),
+                "max_time_vs_naive": max((m["time_vs_naive"] for m in fused), default=None),
+                "fused_peak_at_most_30pct_of_naive": bool(fused) and all(
+                    m.get("peak_vs_naive", 1e9) <= HEAD_TARGET_PEAK for m in fused),
+                "fused_not_slower_than_naive": bool(fused) and all(m["time_vs_naive"] <= 1.0 for m in fused)}}
+
+
+def _head_line(row: dict, impls) -> str:
+    label = f"D {row['student_dim']}->{row['teacher_dim']} CE+KL" if row["teacher_dim"] else f"D {row['student_dim']} CE"
+    return _distill_line(row, impls, label)
+
+
+def head_section(result: dict, agreement: list[dict] | None) -> list[str]:
+    """Markdown lines for the --head results (a file of their own, or a section of the distill one)."""
+    h = result["head"]
+    lines = [
+        "Forward+backward time (ms) and peak memory above the inputs (MiB) of one forward+backward of "
+        f"the LLaMA head's loss from final hidden states and lm_head weights: next-token cross-entropy "
+        f"(`CE`, as a stage without a teacher computes it) or CE + {h['alpha']} * T^2 KL(p_teacher || "
+        f"p_student) at T = {h['temperature']} (`CE+KL`). `naive` is `lm_head_loss_reference` (full logits "
+        "of both models, as the LLaMA head was before); `fused` is `fused_lm_head_loss(backend=\"triton\")`; "
+        "`torch-chunked` is `fused_lm_head_loss(backend=\"torch\")` (what CPU training runs); `liger` is "
+        "Liger-Kernel's fused linear cross-entropy / JSD loss when importable (see notes). Peak memory: "
+        f"{h['memory']}. Target (issue 19): fused peak <= 30% of naive at 32k vocabulary and 8k tokens, time "
+        "<= naive.",
+        "",
+        "| loss | D student | D teacher | impl | fwd+bwd ms | peak MiB | peak / naive | time / naive |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in h["rows"]:
+        head = f"| {r['loss'].upper()} | {r['student_dim']} | {r['teacher_dim'] or '-'} |"
+        for name in h["impls"]:
+            m = r[name]
+            if "error" in m:
+                lines.append(f"{head} {name} | {m['error'][:60]} | | | |")
+                continue
+            lines.append(f"{head} {name} | {m['fwd_bwd_ms']:.2f} | {_fmt(m.get('peak_extra_mib'))} | "
+                         + (f"{100 * m['peak_vs_naive']:.0f}%" if "peak_vs_naive" in m else "-")
+                         + f" | {_fmt(m.get('time_vs_naive'))} |")
+    t = h["targets"]
+    lines += ["", f"Tokens {h['rows'][0]['tokens'] if h['rows'] else '-'}, vocab "
+              f"{h['rows'][0]['vocab'] if h['rows'] else '-'}. Targets: fused peak <= 30% of naive everywhere: "
+              f"{t['fused_peak_at_most_30pct_of_naive']} (max {_fmt(t['max_peak_vs_naive'])}); not slower than "
+              f"naive everywhere: {t['fused_not_slower_than_naive']} (max x{_fmt(t['max_time_vs_naive'])})."]
+    if agreement:
+        ok = sum(r["ok"] for r in agreement)
+        lines += ["", f"Agreement with lm_head_loss_reference here: {ok}/{len(agreement)} cases (float32 within "
+                  "1e-5 of it; bf16 within twice its error against the float32 loss, or 5e-3)."]
+    if h["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in h["notes"]]
+    return lines
+
+
+def head_markdown(result: dict) -> str:
+    v = result["versions"]
+    lines = [f"# Fused LLaMA head (cross-entropy + KL): {result['device']}", "",
+             f"torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, python {v['python']}; dtype "
+             f"{result['dtype']}; median of {result['reps']} after {result['warmup']} warm-up; {result['date']}.",
+             "", f"Command: `{result['command']}`", ""]
+    if result.get("machine"):
+        lines += [f"Machine: {result['machine']}", ""]
+    if result.get("note"):
+        lines += [f"Note: {result['note']}", ""]
+    return "\n".join(lines + head_section(result, result.get("head_agreement"))) + "\n"
+
+
+def _run_head(args, result: dict, dtype: torch.dtype) -> None:
+    if not args.skip_check:
+        result["head_agreement"] = check_head_agreement(args.head_alpha)
+        bad = [r for r in result["head_agreement"] if not r["ok"]]
+        print(f"agreement vs lm_head_loss_reference: {len(result['head_agreement']) - len(bad)}/"
+              f"{len(result['head_agreement'])} ok")
+        for r in bad:
+            print("  DISAGREES:", r)
+    result["head"] = head_benchmark(args, dtype)
+
+
+def _write_head(args, result: dict, dtype: torch.dtype) -> int:
+    result.pop("alpha", None)
+    _run_head(args, result, dtype)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"head-{device_slug(result['device'])}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(head_markdown(result))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Driver.
 # ---------------------------------------------------------------------------
 
 def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def cpu_machine() -> str:
+    """This CPU in words: model, cores, memory, torch's intra-op threads."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        with open("/proc/meminfo") as f:
+            mem = f"{int(next(line.split()[1] for line in f if line.startswith('MemTotal'))) / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        mem = "memory unknown"
+    return f"{model}, {os.cpu_count()} cores, {mem}, torch threads {torch.get_num_threads()}"
 
 
 def versions() -> dict:
@@ -929,7 +1281,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-vocab", type=int, default=32000, help="vocabulary size for --distill")
     p.add_argument("--distill-dims", nargs="+", default=["1024:1024", "2048:2048", "1024:2048"],
                    help="student:teacher hidden dims for --distill")
-    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature for --distill")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature for --distill and --head")
+    p.add_argument("--head", action="store_true",
+                   help="benchmark the LLaMA head (cross-entropy + KL, and cross-entropy alone) of fused_lm_head_loss "
+                        "vs the naive full-logits head (and Liger-Kernel if importable) at --distill-tokens, "
+                        "--distill-vocab and --distill-dims: alone into head-<device>.*, with --distill into its file")
+    p.add_argument("--head-alpha", type=float, default=1.0, help="KL weight of --head's CE + alpha * KL")
+    p.add_argument("--head-impls", nargs="+", choices=HEAD_IMPLS, default=list(HEAD_IMPLS),
+                   help="--head's implementations (liger only when importable)")
+    p.add_argument("--note", default="", help="free text recorded with the results (e.g. the machine was shared)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="folder for the outputs")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: a dry run of this script's logic, kernels in Triton's interpreter (numbers mean nothing)")
@@ -956,14 +1316,18 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks/kernel_bench.py: triton is not importable; nothing measured, nothing written.")
         return 0
 
+    head_only = args.head and not args.distill
     if DEVICE == "cpu":
         # compt's kernels read this at each launch, so setting it after triton's import works.
         os.environ["TRITON_INTERPRET"] = "1"
-        print("benchmarks/kernel_bench.py: CPU dry run (Triton interpreter, wall times): a check of this script's "
-              "logic; its numbers mean nothing.")
+        print("benchmarks/kernel_bench.py: " + (
+            "--head on CPU: naive and torch-chunked measured as CPU training runs them (wall times, torch.profiler "
+            "memory); fused runs in Triton's interpreter, its time means nothing." if head_only else
+            "CPU dry run (Triton interpreter, wall times): a check of this script's logic; its numbers mean nothing."))
 
     dtype = DTYPES[args.dtype]
-    device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu dry run {platform.machine()}"
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else (
+        f"cpu {platform.machine()}" if head_only else f"cpu dry run {platform.machine()}")
     command = [sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv]
     result = {
         "device": device, "versions": versions(),
@@ -971,10 +1335,16 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype, "alpha": ALPHA, "reps": args.reps, "warmup": args.warmup,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    if DEVICE == "cpu" and head_only:
+        result["machine"] = cpu_machine()
+    if args.note:
+        result["note"] = args.note
     if args.expansion:
         return _write_expansion(args, result)
     if args.distill:
         return _write_distill(args, result, dtype)
+    if args.head:
+        return _write_head(args, result, dtype)
     if not args.skip_check:
         result["agreement"] = check_agreement()
         bad = [r for r in result["agreement"] if not r["ok"]]

@@ -120,6 +120,15 @@ def test_arguments(bench):
     dry = bench.DRY_RUN_AGREEMENT_CASES
     assert {c[1] for c in dry} == {1, 7} and any(c[3] for c in dry)
     assert any(b & (b - 1) for b, *_ in dry)
+    assert (args.head, args.head_alpha, args.head_impls) == (False, 1.0, ["naive", "fused", "torch-chunked", "liger"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--head-impls", "eager"])
+    # The head's rows: each pair with its teacher, then each student dim alone (a stage without one).
+    assert bench.head_cases(["1024:1024", "2048:2048", "1024:2048"]) == [
+        (1024, 1024), (2048, 2048), (1024, 2048), (1024, None), (2048, None)]
+    # Its GPU agreement cases hold a teacher at T=1 and T!=1, padding, and the cross-entropy alone.
+    cases = bench.HEAD_AGREEMENT_CASES
+    assert any(c[2] is None for c in cases) and {c[4] for c in cases if c[2]} == {1.0, 2.0} and any(c[5] for c in cases)
 
 
 # ---------------------------------------------------------------------------
@@ -382,8 +391,9 @@ def test_gpu_distill_rows_with_a_failing_liger(bench):
 # ---------------------------------------------------------------------------
 
 def test_distill_dry_run(cpu, tmp_path, capsys):
-    argv = ["--device", "cpu", "--distill", "--distill-tokens", "13", "--distill-vocab", "200", "--distill-dims",
-            "16:16", "24:40", "--temperature", "2.0", "--reps", "2", "--warmup", "1", "--results", str(tmp_path)]
+    argv = ["--device", "cpu", "--distill", "--head", "--distill-tokens", "13", "--distill-vocab", "200",
+            "--distill-dims", "16:16", "24:40", "--temperature", "2.0", "--reps", "2", "--warmup", "1", "--results",
+            str(tmp_path)]
     assert cpu.main(argv) == 0
     out = capsys.readouterr().out
     result, md = outputs(tmp_path, "distill")
@@ -422,6 +432,80 @@ def test_distill_dry_run(cpu, tmp_path, capsys):
     assert [(c[0], c[1], c[2]) for c in cells] == [(s, t_, name) for s, t_ in (("16", "16"), ("24", "40"))
                                                     for name in d["impls"]]
     assert "Tokens 13, vocab 200." in md and f"{n}/{n} cases within tolerance" in md
+
+    # --head: its agreement check and rows in the same file, after the KL's.
+    head_n = 2 * 2 * len(cpu.DRY_RUN_HEAD_AGREEMENT_CASES)
+    assert len(result["head_agreement"]) == head_n and all(r["ok"] for r in result["head_agreement"])
+    assert f"agreement vs lm_head_loss_reference: {head_n}/{head_n} ok" in out
+    h = result["head"]
+    assert (h["alpha"], h["temperature"]) == (1.0, 2.0) and h["impls"][:3] == ["naive", "fused", "torch-chunked"]
+    assert [(r["student_dim"], r["teacher_dim"], r["loss"]) for r in h["rows"]] == [
+        (16, 16, "ce+kl"), (24, 40, "ce+kl"), (16, None, "ce"), (24, None, "ce")]
+    for r in h["rows"]:
+        for name in h["impls"]:  # on CPU the head's memory is measured too
+            assert finite_positive(r[name]["fwd_bwd_ms"]) and finite_positive(r[name]["peak_extra_mib"])
+            assert r[name]["peak_vs_naive"] == pytest.approx(r[name]["peak_extra_mib"] / r["naive"]["peak_extra_mib"])
+    assert h["targets"]["max_peak_vs_naive"] == max(r["fused"]["peak_vs_naive"] for r in h["rows"])
+    assert "## The LLaMA head: cross-entropy + KL (--head)" in md
+    cells = table(md, "| loss | D student | D teacher | impl |")
+    assert [tuple(c[:4]) for c in cells] == [(loss, s, t_, name) for loss, s, t_ in (
+        ("CE+KL", "16", "16"), ("CE+KL", "24", "40"), ("CE", "16", "-"), ("CE", "24", "-")) for name in h["impls"]]
+    assert f"{head_n}/{head_n} cases" in md
+
+
+def test_head_alone_on_cpu_measures_cpu_training(cpu, tmp_path, capsys):
+    # --head without --distill: its own file, named after this CPU (not a dry run: naive and torch-chunked
+    # are what CPU training runs), with the machine and the note recorded.
+    argv = ["--device", "cpu", "--head", "--head-impls", "naive", "torch-chunked", "--head-alpha", "0.5",
+            "--distill-tokens", "9", "--distill-vocab", "70", "--distill-dims", "8:12", "--dtype", "fp32", "--reps",
+            "1", "--warmup", "0", "--skip-check", "--note", "shared machine", "--results", str(tmp_path)]
+    assert cpu.main(argv) == 0
+    assert "fused runs in Triton's interpreter" in capsys.readouterr().out
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"head-{cpu.device_slug('cpu ' + __import__('platform').machine())}.{x}" for x in ("json", "md")]
+    result = json.loads((tmp_path / files[0]).read_text())
+    md = (tmp_path / files[1]).read_text()
+    assert "cores" in result["machine"] and result["note"] == "shared machine" and "head_agreement" not in result
+    assert result["head"]["impls"] == ["naive", "torch-chunked"] and result["head"]["alpha"] == 0.5
+    assert result["head"]["targets"]["max_peak_vs_naive"] is None  # fused was not asked for
+    assert "Machine: " in md and "Note: shared machine" in md and "--head-impls naive torch-chunked" in md
+    assert len(table(md, "| loss | D student |")) == 2 * 2
+
+
+def test_head_agreement_catches_a_wrong_kernel(cpu, monkeypatch):
+    import compt.kernels
+
+    fused = compt.kernels.fused_lm_head_loss
+
+    def wrong(*a, **k):
+        out = fused(*a, **k)
+        return out._replace(total=out.total * 1.02) if k["backend"] == "triton" else out
+
+    monkeypatch.setattr(compt.kernels, "fused_lm_head_loss", wrong)
+    rows = cpu.check_head_agreement(cases=[(5, 8, 8, 40, 1.0, 0.0)])
+    assert [(r["impl"], r["dtype"], r["ok"]) for r in rows] == [
+        ("fused", "float32", False), ("torch-chunked", "float32", True),
+        ("fused", "bfloat16", False), ("torch-chunked", "bfloat16", True)]
+
+
+def test_gpu_head_rows_with_a_failing_liger(bench):
+    row = {"tokens": 8192, "vocab": 32000, "student_dim": 1024, "teacher_dim": None, "loss": "ce",
+           "naive": {"fwd_bwd_ms": 10.0, "peak_extra_mib": 1000.0, "time_vs_naive": 1.0, "peak_vs_naive": 1.0},
+           "fused": {"fwd_bwd_ms": 8.0, "peak_extra_mib": 250.0, "time_vs_naive": 0.8, "peak_vs_naive": 0.25},
+           "liger": {"error": "RuntimeError: no Liger-Kernel loss matched the ce head (see notes)"}}
+    impls = ["naive", "fused", "liger"]
+    assert "D 1024 CE | naive 10.00 ms 1000 MiB" in bench._head_line(row, impls)
+    result = {"device": "NVIDIA H100", "versions": VERSIONS, "command": "c", "date": "today", "dtype": "bf16",
+              "reps": 5, "warmup": 2, "head": {
+                  "alpha": 1.0, "temperature": 1.0, "impls": impls, "notes": ["a note"], "rows": [row],
+                  "memory": "torch.cuda.max_memory_allocated",
+                  "targets": {"max_peak_vs_naive": 0.25, "max_time_vs_naive": 0.8,
+                              "fused_peak_at_most_30pct_of_naive": True, "fused_not_slower_than_naive": True}}}
+    md = bench.head_markdown(result)
+    cells = table(md, "| loss | D student | D teacher | impl |")
+    assert cells[1] == ["CE", "1024", "-", "fused", "8.00", "250.00", "25%", "0.80"]
+    assert cells[2][:4] == ["CE", "1024", "-", "liger"] and cells[2][4].startswith("RuntimeError")
+    assert "- a note" in md and "(max 0.25)" in md and "Peak memory: torch.cuda.max_memory_allocated" in md
 
 
 def test_distill_agreement_catches_a_wrong_kernel(cpu, monkeypatch):
