@@ -143,6 +143,16 @@ def weights_only_loading():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
+def restore_group_settings(param_groups: list[dict], before: list[dict]) -> None:
+    """Put back the settings that differed between parameter groups before a universal load: ZeRO-3's
+    universal loader (DeepSpeed 0.19.8) gives every group the first group's settings, so the no-decay
+    group came back with weight decay. Settings all groups shared (the lr the schedule sets) are left."""
+    for key in {k for g in before for k in g}:
+        if len({repr(g.get(key)) for g in before}) > 1:
+            for group, kept in zip(param_groups, before):
+                group[key] = kept[key]
+
+
 def saved_ranks(names) -> int | None:
     """The data-parallel rank count a tag was saved on, from its file names; None without ZeRO partitions
     (a plain optimizer state loads on any rank count)."""
@@ -352,12 +362,7 @@ class StageCheckpointer:
                 loaded = self.engine.load_checkpoint(str(self.dir), tag=tag)
         finally:
             config.load_universal_checkpoint = before
-        # ZeRO-3's universal loader gives every parameter group the first group's settings, so the
-        # no-decay group would come back decayed; settings that differed between groups are put back.
-        for key in {k for g in groups for k in g}:
-            if len({repr(g.get(key)) for g in groups}) > 1:
-                for group, kept in zip(optimizer.param_groups, groups):
-                    group[key] = kept[key]
+        restore_group_settings(optimizer.param_groups, groups)
         return loaded
 
     def _universal(self, tag: str, saved: int) -> str | None:

@@ -1,6 +1,6 @@
 """One DeepSpeed engine per stage: the user's ds_config plus the stage's optimiser,
-warmup+cosine schedule, batch sizes and weight-decay groups (the family says which
-parameters are not decayed).
+warmup+cosine schedule, batch sizes, ZeRO buffers sized to the stage's model, and
+weight-decay groups (the family says which parameters are not decayed).
 """
 from __future__ import annotations
 
@@ -87,9 +87,44 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def stage_ds_config(base: dict[str, Any], settings: TrainSettings, total_steps: int, world_size: int) -> dict[str, Any]:
-    """The engine config for one stage: the user's file with compt's per-stage fields filled in."""
+# transformers' DeepSpeed integration fills these "auto" values from the model's hidden size h (its
+# trainer_config_finalize); each with the lowest ZeRO stage that uses it. DeepSpeed's own defaults (a 500M-element
+# reduce bucket, 50M prefetch, 100k persistence threshold) are the same for a 32-wide test model and a 70B one.
+ZERO_BUFFERS: dict[str, tuple[int, Callable[[int], int]]] = {
+    "reduce_bucket_size": (1, lambda h: h * h),
+    "stage3_prefetch_bucket_size": (3, lambda h: int(0.9 * h * h)),
+    "stage3_param_persistence_threshold": (3, lambda h: 10 * h),
+}
+
+
+def zero_buffers(ds_config: dict[str, Any], hidden_size: int | None) -> dict[str, dict[str, Any]]:
+    """Each ZeRO buffer the engine uses: ``{"value": n, "from": "ds_config" | "hidden size h"}``. A value the
+    ds_config sets wins; one it leaves out or sets to "auto" follows ZERO_BUFFERS (left to DeepSpeed's default
+    without ``hidden_size``; "auto" then is an error naming the field)."""
+    zero = ds_config.get("zero_optimization") or {}
+    out = {}
+    for key, (lowest, rule) in ZERO_BUFFERS.items():
+        if zero_stage(ds_config) < lowest:
+            continue
+        value = zero.get(key)
+        if value is not None and value != "auto":
+            out[key] = {"value": value, "from": "ds_config"}
+        elif hidden_size is not None:
+            out[key] = {"value": rule(hidden_size), "from": f"hidden size {hidden_size}"}
+        elif value == "auto":
+            raise ValueError(f"zero_optimization.{key} is \"auto\" but no model size was given to resolve it; "
+                             "set a number in the ds_config")
+    return out
+
+
+def stage_ds_config(base: dict[str, Any], settings: TrainSettings, total_steps: int, world_size: int,
+                    hidden_size: int | None = None) -> dict[str, Any]:
+    """The engine config for one stage: the user's file with compt's per-stage fields filled in;
+    ``hidden_size`` (the family's, for the stage's model) sizes the ZeRO buffers the file leaves open."""
     cfg = copy.deepcopy(base)
+    buffers = zero_buffers(cfg, hidden_size)
+    if buffers:
+        cfg["zero_optimization"].update({key: b["value"] for key, b in buffers.items()})
     gas = int(cfg.get("gradient_accumulation_steps", 1))
     if settings.batch_size % (world_size * gas):
         raise ValueError(

@@ -29,7 +29,7 @@ def resumed(tmp_path_factory):
     path = write_chain(root / "chain.yaml", chain)
     out = root / "run"
     args = ["launch/chain.py", "--chain", str(path), "--ds_config", DS, "--output", str(out)]
-    proc = subprocess.Popen(["deepspeed", "--master_port", "29881", "--num_gpus", "2", *args], cwd=REPO,
+    proc = subprocess.Popen(["deepspeed", "--master_port", "29893", "--num_gpus", "2", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     ckpt = out / "stages" / "0-a" / "checkpoints"
     deadline = time.time() + 300
@@ -41,7 +41,7 @@ def resumed(tmp_path_factory):
     tag = (ckpt / "latest").read_text().strip()
     files = json.loads((ckpt / tag / "compt-sha256.json").read_text())
     state = torch.load(ckpt / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
-    log = deepspeed_launch(args, 29882)  # one rank
+    log = deepspeed_launch(args, 29894)  # one rank
     return {"out": out, "ckpt": ckpt, "tag": tag, "files": files, "saved": state, "log": log.stdout + log.stderr}
 
 
@@ -108,3 +108,29 @@ def test_a_steps_global_batch_is_the_same_on_any_rank_count(family):
         got = _global_batch(family, ds, model_cfg, world, gas, start=5)
         assert all(torch.equal(a, b) for a, b in zip(got, one)), (world, gas)
     assert not torch.equal(_global_batch(family, ds, model_cfg, 1, 1, start=4)[0], one[0])  # steps do differ
+
+
+# -- pieces of the universal load that need no launcher ----------------------------------------------------
+
+def test_the_saved_rank_count_is_read_from_the_zero_partition_names():
+    from compt.checkpoint import saved_ranks
+
+    assert saved_ranks(["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                        "zero_pp_rank_0_mp_rank_00_model_states.pt"]) == 2
+    assert saved_ranks([f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)]) == 4  # ZeRO-1/2 bf16
+    assert saved_ranks(["mp_rank_00_model_states.pt"]) is None  # no ZeRO: loads on any rank count
+
+
+def test_settings_that_differed_between_param_groups_survive_a_universal_load():
+    """DeepSpeed 0.19.8's ZeRO-3 universal loader copies the first group's settings into every group (seen
+    here: the no-decay group came back with weight_decay 0.1); compt puts back what differed."""
+    from compt.checkpoint import restore_group_settings
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=1e-3)
+    before = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    for g in opt.param_groups:  # what the universal loader does
+        g.update(weight_decay=0.1, lr=5e-4)
+    restore_group_settings(opt.param_groups, before)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert [g["lr"] for g in opt.param_groups] == [5e-4, 5e-4]  # the loaded, shared schedule value stays

@@ -45,3 +45,49 @@ def test_no_decay_on_norms_biases_embeddings_logit_scale():
     assert len(decayed) + len(plain) == len(names)
     assert model.logit_scale.shape == (1,)  # 1-element: ZeRO-3 cannot hold 0-d parameters
     assert no_decay("x.ln_1.weight", model.visual.ln_pre.weight)
+
+
+# -- ZeRO buffers sized to the stage's model ---------------------------------------------------------------
+
+def _zero3(**zero) -> dict:
+    base = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    base["zero_optimization"].update(zero)
+    return base
+
+
+def test_zero_buffers_the_ds_config_leaves_open_follow_the_hidden_size():
+    """transformers' "auto" rules (h*h, 0.9*h*h, 10*h) for what the ds_config leaves out or sets to "auto";
+    what it sets wins (the shipped zero3.json keeps every parameter partitioned: threshold 0)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    h = 64
+    cfg = stage_ds_config(_zero3(), TrainSettings(batch_size=8), 10, 1, hidden_size=h)
+    zero = cfg["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (4096, 3686)
+    assert zero["stage3_param_persistence_threshold"] == 0  # the file's own value
+    assert "stage3_max_live_parameters" not in zero  # no rule: DeepSpeed's default
+    parsed = DeepSpeedZeroConfig(**zero)  # what DeepSpeed reads: "auto" would not parse
+    assert parsed.reduce_bucket_size == 4096 and parsed.prefetch_bucket_size == 3686
+
+    auto = stage_ds_config(_zero3(reduce_bucket_size="auto", stage3_param_persistence_threshold="auto",
+                                  stage3_prefetch_bucket_size=1000), TrainSettings(batch_size=8), 10, 1, hidden_size=h)
+    assert auto["zero_optimization"]["reduce_bucket_size"] == 4096
+    assert auto["zero_optimization"]["stage3_param_persistence_threshold"] == 640
+    assert auto["zero_optimization"]["stage3_prefetch_bucket_size"] == 1000
+
+
+def test_zero_buffers_say_where_each_value_came_from():
+    from compt.engine import zero_buffers
+
+    h = 256
+    assert zero_buffers(_zero3(), h) == {
+        "reduce_bucket_size": {"value": 65536, "from": "hidden size 256"},
+        "stage3_prefetch_bucket_size": {"value": 58982, "from": "hidden size 256"},
+        "stage3_param_persistence_threshold": {"value": 0, "from": "ds_config"},
+    }
+    zero2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    assert zero_buffers(zero2, h) == {"reduce_bucket_size": {"value": 65536, "from": "hidden size 256"}}
+    assert zero_buffers({"zero_optimization": {"stage": 0}}, h) == {}
+    assert zero_buffers(_zero3(), None) == {"stage3_param_persistence_threshold": {"value": 0, "from": "ds_config"}}
+    with pytest.raises(ValueError, match='zero_optimization.reduce_bucket_size is "auto"'):
+        zero_buffers(_zero3(reduce_bucket_size="auto"), None)
