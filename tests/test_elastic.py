@@ -134,3 +134,11 @@ def test_settings_that_differed_between_param_groups_survive_a_universal_load():
     restore_group_settings(opt.param_groups, before)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert [g["lr"] for g in opt.param_groups] == [5e-4, 5e-4]  # the loaded, shared schedule value stays
+
+
+def test_a_failed_conversion_says_what_deepspeed_said(tmp_path):
+    from compt.checkpoint import convert_to_universal
+
+    (tmp_path / "step00000002").mkdir()
+    with pytest.raises(RuntimeError, match=r"FileNotFoundError: can't find \*_optim_states.pt files"):
+        convert_to_universal(tmp_path / "step00000002", tmp_path / "universal" / "step00000002")
