@@ -1169,10 +1169,13 @@ def head_section(result: dict, agreement: list[dict] | None) -> list[str]:
                          + (f"{100 * m['peak_vs_naive']:.0f}%" if "peak_vs_naive" in m else "-")
                          + f" | {_fmt(m.get('time_vs_naive'))} |")
     t = h["targets"]
-    lines += ["", f"Tokens {h['rows'][0]['tokens'] if h['rows'] else '-'}, vocab "
-              f"{h['rows'][0]['vocab'] if h['rows'] else '-'}. Targets: fused peak <= 30% of naive everywhere: "
-              f"{t['fused_peak_at_most_30pct_of_naive']} (max {_fmt(t['max_peak_vs_naive'])}); not slower than "
-              f"naive everywhere: {t['fused_not_slower_than_naive']} (max x{_fmt(t['max_time_vs_naive'])})."]
+    sizes = f"Tokens {h['rows'][0]['tokens'] if h['rows'] else '-'}, vocab {h['rows'][0]['vocab'] if h['rows'] else '-'}."
+    if t["max_time_vs_naive"] is None:
+        lines += ["", f"{sizes} Targets: not measured (fused did not run here)."]
+    else:
+        lines += ["", f"{sizes} Targets: fused peak <= 30% of naive everywhere: "
+                  f"{t['fused_peak_at_most_30pct_of_naive']} (max {_fmt(t['max_peak_vs_naive'])}); not slower than "
+                  f"naive everywhere: {t['fused_not_slower_than_naive']} (max x{_fmt(t['max_time_vs_naive'])})."]
     if agreement:
         ok = sum(r["ok"] for r in agreement)
         lines += ["", f"Agreement with lm_head_loss_reference here: {ok}/{len(agreement)} cases (float32 within "
