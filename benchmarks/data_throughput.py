@@ -39,6 +39,9 @@ from compt.data import DataConfig, build_dataset
 from compt.loading import loader_options
 
 REPO = Path(__file__).resolve().parents[1]
+OPEN_CLIP_NOTE = ("Note: open_clip_train 3.3.0's `group_by_keys_nothrow` fails (KeyError 'fname') on the "
+                  "end-of-shard marker that webdataset 1.0.2 yields; its pipeline runs here with its own "
+                  "`tarfile_to_samples_nothrow` and that marker off, as with the webdataset it was written against.")
 SHUFFLE = 5000  # open_clip_train's sample shuffle buffer (_SAMPLE_SHUFFLE_SIZE); compt's default too
 
 
@@ -212,6 +215,7 @@ def markdown(r: dict) -> str:
              f"{r['samples_per_shard']} 256px JPEGs, shuffle buffer {r['shuffle_buffer']}); median of "
              f"{len(r['rounds']['compt'])} alternating round(s):", "",
              "| source | compt | open_clip_train | compt / open_clip |", "| --- | --- | --- | --- |"]
+    notes = ["", OPEN_CLIP_NOTE]
     for label, key in (("local shards", ""), ("loopback HTTP", "_http")):
         c, o = r[f"compt{key}_samples_per_s"], r[f"open_clip{key}_samples_per_s"]
         lines.append(f"| {label} | {c:.1f} | {o:.1f} | {c / o:.2f} |")
@@ -222,7 +226,7 @@ def markdown(r: dict) -> str:
                   "", "| shards | compt streamed | compt map-style (indexes every shard) |", "| --- | --- | --- |"]
         for n, s in r["startup_seconds"].items():
             lines.append(f"| {n} | {s['streamed']:.2f} | {s['map_style']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + notes) + "\n"
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def write_shards(root: Path, shards: int, per: int, prefix: str = "train") -> li
             for _ in range(per):
                 buf = io.BytesIO()
                 Image.fromarray(rng.randint(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
-                for ext, data in (("png", buf.getvalue()), ("txt", f"sample {i}".encode()), ("cls", str(i % 10).encode())):
+                fields = (("png", buf.getvalue()), ("txt", f"sample {i}".encode()), ("cls", str(i % 10).encode()))
+                for ext, data in fields:
                     info = tarfile.TarInfo(f"{i:06d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))

@@ -168,7 +168,8 @@ def pass_order(shards: int, seed: int, epoch: int) -> list[int]:
     return random.Random(f"{seed}:pass:{epoch}").sample(range(shards), shards)
 
 
-def slot_shards(shards: int, seed: int, epoch: int, slot: int, slots: int, started: frozenset = frozenset()) -> list[int]:
+def slot_shards(shards: int, seed: int, epoch: int, slot: int, slots: int,
+                started: frozenset = frozenset()) -> list[int]:
     """The shards slot ``slot`` of ``slots`` reads in pass ``epoch``: every slots-th of the pass's order, leaving
     out those ``started`` before the last resume. Disjoint across slots; together, the whole pass."""
     return [i for i in pass_order(shards, seed, epoch) if i not in started][slot::slots]
