@@ -200,6 +200,23 @@ class LazySafetensors:
         """The stored dtype, read from the header (no tensor data is loaded)."""
         return SAFETENSORS_DTYPES[self._handle.get_slice(name).get_dtype()]
 
+    def numel(self, name: str) -> int:
+        n = 1
+        for s in self.shape(name):
+            n *= s
+        return n
+
+    def flat_range(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of the flattened tensor, reading only the rows (first-dimension slices)
+        that hold them: a ZeRO-3 rank loads about its own share of a tensor, not all of it."""
+        shape = self.shape(name)
+        if len(shape) < 2:
+            return self.get(name).reshape(-1)[start:end]
+        row = self.numel(name) // shape[0]
+        first, last = start // row, -(-end // row)
+        rows = self._handle.get_slice(name)[first:last]
+        return rows.reshape(-1)[start - first * row: end - first * row]
+
     def metadata(self) -> dict[str, str]:
         return self._handle.metadata() or {}
 

@@ -112,6 +112,19 @@ def test_open_lazy_reads_single_tensors(tmp_path):
         assert f.metadata() == {"k": "v"}
 
 
+
+def test_flat_range_reads_a_rank_share_of_any_tensor(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    tensors = {"w": torch.randn(7, 5), "cube": torch.randn(3, 4, 6), "v": torch.randn(11), "s": torch.tensor(2.5)}
+    write_all(path, tensors)
+    with open_lazy(path) as f:
+        for name, t in tensors.items():
+            flat = t.reshape(-1)
+            assert f.numel(name) == flat.numel()
+            for start, end in [(0, flat.numel()), (0, 1), (3, 9), (5, 10), (flat.numel() - 1, flat.numel())]:
+                if end <= flat.numel():
+                    assert torch.equal(f.flat_range(name, start, end), flat[start:end]), (name, start, end)
+
 def tiny_clip():
     return open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16),
                           text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=2))
