@@ -142,3 +142,20 @@ def test_a_failed_conversion_says_what_deepspeed_said(tmp_path):
     (tmp_path / "step00000002").mkdir()
     with pytest.raises(RuntimeError, match=r"FileNotFoundError: can't find \*_optim_states.pt files"):
         convert_to_universal(tmp_path / "step00000002", tmp_path / "universal" / "step00000002")
+
+
+def test_each_param_state_counts_its_own_adam_steps_after_a_universal_load():
+    """DeepSpeed 0.19.8's ZeRO-3 universal loader puts one step tensor in every state; torch's AdamW adds 1 to
+    it in place per state, so two groups counted two steps per step (skewing the bias correction)."""
+    from compt.checkpoint import untie_step_counters
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b]}], lr=1e-3)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    shared = torch.tensor(3.0)
+    for p in (a, b):  # what the universal loader does
+        opt.state[p]["step"] = shared
+    untie_step_counters(opt)
+    opt.step()
+    assert [opt.state[p]["step"].item() for p in (a, b)] == [4.0, 4.0]
