@@ -17,8 +17,9 @@ universal checkpoint. Rank 0 converts the verified tag with ``ds_to_universal`` 
 ``universal/<tag>`` beside it, the ranks hash the result like a save (its own
 ``compt-sha256.json``, plus the source tag's index digest so a replaced tag is converted
 again), and the engine loads it with DeepSpeed's ``load_universal`` switched on for that load.
-The data position still needs only the step: every family's batches come from
-compt.sampler.GlobalBatchSampler, a function of (seed, step) over the global batch.
+The data position still needs only the step for map-style data: its batches come from
+compt.sampler.GlobalBatchSampler, a function of (seed, step) over the global batch whatever
+the rank count (streamed data keeps its own position in the client state: compt.streaming).
 """
 from __future__ import annotations
 
