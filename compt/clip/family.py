@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from compt.clip.evaluate import embedding_cosine, evaluate
+from compt.clip.evaluate import embedding_cosine, evaluate, evaluate_imagefolder
 from compt.clip.flops import count_sample_flops
 from compt.clip.grow import growth_problem, plan_tensor
 from compt.clip.loader import Batch, eval_loader, train_loader
@@ -17,6 +17,7 @@ from compt.clip.losses import ChainLoss
 from compt.clip.model import (build_clip, export_name_and_tensor, load_into, model_config_problem, preprocess_for,
                               resolve_model_config, size_problem, write_model_config)
 from compt.data import DataConfig, build_dataset
+from compt.data.imagefolder import build_imagefolder
 from compt.engine import no_decay_by_name
 from compt.families import CostCounters, Quality
 from compt.growth import MODES
@@ -46,7 +47,7 @@ class ClipFamily:
     growth_modes = MODES  # every mode of compt.growth; impossible pairs are reported by chain_problems
     quality = Quality("zeroshot_top1", "top-1", higher_is_better=True)
     result_headers = ["stage", "model", "params", "budget", "init top-1", "top-1", "top-5", "I->T R@1", "T->I R@1",
-                      "FLOPs", "wall"]
+                      "folder top-1/5", "FLOPs", "wall"]
 
     # -- config -------------------------------------------------------------------------------------------------
     def alpha_default(self, init: str) -> float:
@@ -144,8 +145,13 @@ class ClipFamily:
         return {"init_cosine": cosine, "init_zeroshot_top1": init["zeroshot_top1"]}
 
     def evaluate(self, engine, val_ds, model_cfg: dict, cfg) -> dict[str, Any]:
-        return evaluate(engine, val_ds, preprocess_for(model_cfg), cfg.eval.batch_size, cfg.eval.zeroshot,
-                        cfg.eval.retrieval, **loader_options(cfg.data, getattr(engine, "device", "cpu")))
+        """The validation split, and the class-folder tree of ``data.imagefolder`` when given."""
+        pre, options = preprocess_for(model_cfg), loader_options(cfg.data, getattr(engine, "device", "cpu"))
+        metrics = evaluate(engine, val_ds, pre, cfg.eval.batch_size, cfg.eval.zeroshot, cfg.eval.retrieval, **options)
+        if cfg.data.imagefolder is not None:
+            metrics.update(evaluate_imagefolder(engine, build_imagefolder(cfg.data.imagefolder), pre,
+                                                cfg.eval.batch_size, **options))
+        return metrics
 
     def sample_flops(self, model_cfg: dict, data) -> tuple[int, int]:
         """(student train, teacher forward) FLOPs per training sample."""
@@ -173,6 +179,7 @@ class ClipFamily:
             "i2t_R@1": (r.get("image_to_text") or {}).get("R@1"),
             "t2i_R@1": (r.get("text_to_image") or {}).get("R@1"),
             "init_zeroshot_top1": metrics.get("init_zeroshot_top1"),
+            **{k: metrics[k] for k in ("imagefolder_top1", "imagefolder_top5") if k in metrics},
         }
 
     def result_row(self, stage, m: dict[str, Any]) -> list[str]:
@@ -183,6 +190,7 @@ class ClipFamily:
             f"{m['stage']}-{m['name']}", model, f"{m['params'] / 1e6:.2f}M", f"{budget} ({m['steps']} steps)",
             _pct(m.get("init_zeroshot_top1")), _pct(m.get("zeroshot_top1")), _pct(m.get("zeroshot_top5")),
             _pct((r.get("image_to_text") or {}).get("R@1")), _pct((r.get("text_to_image") or {}).get("R@1")),
+            f"{_pct(m['imagefolder_top1'])} / {_pct(m['imagefolder_top5'])}" if "imagefolder_top1" in m else "-",
             format_flops(m["flops"]["total"]), f"{m['wall_seconds']:.0f}s",
         ]
 
@@ -194,6 +202,12 @@ class ClipFamily:
                 lines.append(f"  {key:<16} {100 * metrics[key]:6.2f}%")
         for direction, recalls in (metrics["retrieval"] or {}).items():
             lines.append(f"  {direction:<16} " + "  ".join(f"{k} {100 * v:6.2f}%" for k, v in recalls.items()))
+        if "imagefolder_top1" in metrics:
+            bad = metrics["imagefolder_bad_samples"]["count"]
+            lines.append(f"{metrics['imagefolder_samples']} class-folder images, {metrics['imagefolder_classes']} "
+                         f"classes{f' ({bad} unreadable, skipped)' if bad else ''}")
+            for key in ("imagefolder_top1", "imagefolder_top5"):
+                lines.append(f"  {key:<16} {100 * metrics[key]:6.2f}%")
         return lines
 
     def cost_counters(self, recipe) -> CostCounters:
