@@ -68,6 +68,46 @@ def _row_fault(row: list[str], columns: list[str], used: list[int], caption: int
     return None
 
 
+class _Lines:
+    """The file's lines for csv.reader, numbered, remembering those the current row took; lines pushed
+    back are read again first. (csv.reader asks for one line at a time and never reads ahead.)"""
+
+    def __init__(self, f):
+        self.f, self.number, self.taken, self.pending = f, 0, [], []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.pending:
+            number, text = self.pending.pop(0)
+        else:
+            text = next(self.f)
+            self.number += 1
+            number = self.number
+        self.taken.append((number, text))
+        return text
+
+    def push_back(self, lines: list[tuple[int, str]]) -> None:
+        self.pending[:0] = lines
+
+
+def _swallowed(row: list[str], rest: list[tuple[int, str]], separator: str, width: int) -> bool:
+    """A row spanning several lines is an unbalanced quote (not a caption with line breaks) when a line it
+    took is a whole row on its own: as many fields as the header. (The tail of a quoted caption has fewer:
+    the fields before the caption are on the row's first line.)"""
+    if not rest or not any("\n" in field or "\r" in field for field in row):
+        return False
+    for _, text in rest:
+        try:
+            alone = next(csv.reader([text], delimiter=separator), [])
+        except csv.Error:
+            continue
+        if len(alone) >= width:
+            return True
+    return False
+
+
 def _column(columns: list[str], key: str) -> int:
     return len(columns) - 1 - columns[::-1].index(key)  # the last of equal names, as csv.DictReader
 
@@ -80,7 +120,8 @@ def build_csv(cfg: DataConfig, split: str) -> CsvDataset:
     try:
         # Undecodable bytes become lone surrogates, so one bad byte marks its row, not the whole file.
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            reader = csv.reader(f, delimiter=cfg.csv_separator)
+            lines_in = _Lines(f)
+            reader = csv.reader(lines_in, delimiter=cfg.csv_separator)
             columns = next(reader, None) or []
             for name, key in (("image_key", keys.image), ("caption_key", keys.caption)):
                 if key not in columns:
@@ -95,7 +136,7 @@ def build_csv(cfg: DataConfig, split: str) -> CsvDataset:
             root = path.parent
             paths, captions, labels, lines, faults = [], [], [], array("q"), {}
             while True:
-                line = reader.line_num + 1
+                lines_in.taken.clear()
                 try:
                     row = next(reader)
                 except StopIteration:
@@ -106,6 +147,14 @@ def build_csv(cfg: DataConfig, split: str) -> CsvDataset:
                     if not row:
                         continue  # a blank line, as DictReader skips it
                     problem = _row_fault(row, columns, used, caption)
+                taken = list(lines_in.taken)
+                line = taken[0][0] if taken else lines_in.number
+                if row is not None and _swallowed(row, taken[1:], cfg.csv_separator, len(columns)):
+                    # An unbalanced quote made one field of the rows after it: this row is bad, the lines it
+                    # swallowed are read again as rows of their own (each pass moves on by at least one line).
+                    lines_in.push_back(taken[1:])
+                    problem = (f"unbalanced quote: a field runs over lines {line}-{taken[-1][0]}, which hold rows "
+                               "of their own (those are read as rows; fix or escape the quote in this row)")
                 lines.append(line)
                 if problem is not None:
                     faults[len(paths)] = problem
