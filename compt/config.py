@@ -79,6 +79,11 @@ class Transfer(_Strict):
     align: bool = True
     alpha: float | None = Field(None, ge=0.0, description="default: CLIP 500 (5 with init exact), LLaMA 0 (no distillation)")
     temperature: float = Field(1.0, gt=0.0, description="LLaMA distillation temperature")
+    teacher: Literal["sharded", "replicate"] | None = Field(
+        None, description="the frozen predecessor under ZeRO-3: sharded (the default there: partitioned like the "
+                          "student, parameters gathered per module in its forward; least memory) or replicate (a "
+                          "full copy on every rank: faster, more memory); without ZeRO-3 it is always a full copy")
+
 
 
 class TrainSettings(_Strict):
@@ -323,9 +328,27 @@ def load_chain(chain: str = "demo", ds_config: str | Path | None = None) -> Chai
     problems += [p for p in semantic if not concerns(p, bad)]
     if not any(concerns(p, ["data"]) for p in problems) and not any(b.endswith("batch_size") for b in bad):
         problems += train_size_problems(cfg)
+    if ds_config is not None and not ds_config_problems(ds_config):
+        problems += teacher_problems(cfg, json.loads(Path(ds_config).read_text()))
     if problems:
         raise ChainConfigError(source, problems)
     return cfg
+
+
+def teacher_problems(cfg: ChainConfig, ds_config: dict) -> list[str]:
+    """A sharded teacher is partitioned by ZeRO-3: its stage must run stage 3 (the ds_config's, or the stage's
+    own ``deepspeed:`` override)."""
+    problems = []
+    default = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    for k, stage in enumerate(cfg.stages):
+        if stage.transfer is None or stage.transfer.teacher != "sharded":
+            continue
+        zero = (stage.deepspeed or {}).get("zero_optimization")
+        runs = zero.get("stage", default) if isinstance(zero, dict) else default
+        if runs != 3:
+            problems.append(f"stages.{k}.transfer.teacher: sharded needs ZeRO stage 3, and this stage runs stage "
+                            f"{runs}; use replicate, or leave it out (a full copy is the default without ZeRO-3)")
+    return problems
 
 
 STAND_INS: dict[str, Any] = {  # for required fields whose value is unusable: whatever passes the schema

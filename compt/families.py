@@ -49,7 +49,6 @@ class Family(Protocol):
 
     name: str
     curve_names: tuple[str, str]  # the loss curve's (task, transfer) columns, e.g. contrastive, alignment
-    partitioned_build_ok: bool  # the model may be constructed straight into ZeRO-3 partitions
     data_config: type  # the pydantic model of the chain's ``data:`` section
     growth_modes: tuple[str, ...]  # which of compt.growth.MODES a stage's transfer.init may use
     quality: Quality
@@ -67,6 +66,9 @@ class Family(Protocol):
 
     # A stage.
     def build(self, model_cfg: dict, teacher_cfg: dict | None): ...
+    # The library functions that set weights after their modules were constructed (compt.partition.LibraryInit):
+    # a ZeRO-3 build runs each with the parameters it writes gathered, so no rank holds the whole model.
+    def library_inits(self) -> list: ...
     def plan(self, name: str, prev_cfg: dict, model_cfg: dict, mode: str, noise: float, seed: int): ...
     def load_teacher(self, model_cfg: dict, weights: Path): ...
     def no_decay(self, name: str, param) -> bool: ...

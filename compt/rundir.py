@@ -46,7 +46,8 @@ def stage_fingerprints(cfg: ChainConfig, ds_config: dict) -> list[str]:
     for k, stage in enumerate(cfg.stages):
         transfer = cfg.transfer(k)
         payload = {**common, "name": stage.name, "model": cfg.model_cfg(k), "budget": stage.budget.model_dump(),
-                   "transfer": transfer.model_dump(mode="json") if transfer else None,
+                   # where the teacher lives (sharded or replicated) changes memory and speed, not its numbers
+                   "transfer": transfer.model_dump(mode="json", exclude={"teacher"}) if transfer else None,
                    "settings": stage.settings(cfg.defaults).model_dump(mode="json", exclude=RESULT_NEUTRAL_SETTINGS),
                    "predecessor": prev}
         if stage.deepspeed:  # only when given, so runs from before per-stage engine settings keep their fingerprints

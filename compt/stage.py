@@ -28,6 +28,8 @@ from compt.faults import (Counters, StageFailed, bad_data_message, gather_exampl
                           sum_across_ranks, too_much_bad_data)
 from compt.kernels import expand_flat_slice
 from compt.metrics import ChainMonitor, LiveLog, summary_text
+from compt.memory import StageMemory
+from compt.partition import build_partitioned, frozen_engine, load_partitioned
 from compt.loading import loader_options
 from compt.report import plot_loss, write_loss_csv
 from compt.rundir import RunDir, write_json
@@ -82,26 +84,20 @@ def init_student(family: Family, model_cfg: dict, teacher_cfg: dict | None, seed
                  init_needed: bool = True):
     """The student with its library's own initialisation, partitioned by ZeRO-3 when asked.
 
-    Built in full and then handed to ``zero.Init(module=...)``: open_clip (and
-    transformers) initialise nested modules after they are constructed, and a module
-    constructed inside ``with zero.Init()`` is partitioned before those inits run,
-    silently leaving PyTorch's defaults. The same seed on every rank gives the same
-    weights whatever the rank count. When every weight will be overwritten anyway
-    (exact growth, or a resumed checkpoint) ``init_needed=False`` builds straight into
-    ZeRO-3 partitions where the family allows it, so no rank ever holds the full model.
-    ``teacher_cfg``: the predecessor's config when the student aligns to it (CLIP adds a
-    projection when embedding widths differ).
+    Under ZeRO-3 it is built straight into partitions (compt.partition.build_partitioned): no rank ever
+    holds the whole model, and the library's later initialisation (``family.library_inits``) runs with
+    the parameters it writes gathered, consuming the random stream in the order a plain build does, so
+    the same seed gives the same weights whatever the rank count (in fp32, bit for bit the plain build's;
+    partitions in bf16/fp16 are initialised in that dtype: the same distributions, other draws). When
+    every weight will be overwritten anyway (exact growth, or a resumed checkpoint) ``init_needed=False``
+    skips that initialisation. ``teacher_cfg``: the predecessor's config when the student aligns to it
+    (CLIP adds a projection when embedding widths differ).
     """
-    import deepspeed
-
     torch.manual_seed(seed)
-    if zero3_config is not None and not init_needed and family.partitioned_build_ok:
-        with deepspeed.zero.Init(config_dict_or_path=zero3_config):
-            return family.build(model_cfg, teacher_cfg)
-    model = family.build(model_cfg, teacher_cfg)
-    if zero3_config is not None:
-        deepspeed.zero.Init(module=model, config_dict_or_path=zero3_config)
-    return model
+    if zero3_config is None:
+        return family.build(model_cfg, teacher_cfg)
+    return build_partitioned(lambda: family.build(model_cfg, teacher_cfg), zero3_config,
+                             family.library_inits() if init_needed else ())
 
 
 def grow_into(family: Family, model: torch.nn.Module, prev: StageResult, model_cfg: dict, transfer, seed: int,
@@ -138,6 +134,18 @@ def grow_into(family: Family, model: torch.nn.Module, prev: StageResult, model_c
                                             dtype=p.dtype).reshape(p.shape))
             changed += 1
     return changed
+
+
+def load_frozen(family: Family, prev: StageResult, ds_cfg: dict, sharded: bool):
+    """The frozen predecessor and, when ``sharded``, the DeepSpeed engine that gathers its parameters per
+    module in its forward (compt.partition: built into its own ZeRO-3 partitions in the training dtype,
+    read slice by slice from its safetensors; the model is ``family.build(cfg, None)``, as its weights were
+    saved). Otherwise a full copy from ``family.load_teacher`` and None."""
+    if not sharded:
+        return family.load_teacher(prev.model_cfg, prev.weights), None
+    model = load_partitioned(lambda: family.build(prev.model_cfg, None), prev.weights, ds_cfg, family.export_name)
+    engine = frozen_engine(model, ds_cfg)
+    return engine.module, engine
 
 
 def train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, curve: list, settings,
@@ -245,6 +253,7 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     there, one during training checkpoints and stops, one during the evaluation or save waits for the save
     (the caller then stops, and a rerun skips the stage)."""
     clock = StageClock()
+    memory = StageMemory()  # baseline: after imports, before this stage's models
     rank, world = _rank_world()
     stage = cfg.stages[k]
     model_cfg, settings, transfer = cfg.model_cfg(k), stage.settings(cfg.defaults), cfg.transfer(k)
@@ -261,7 +270,8 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     # The student: its library's own init, ZeRO-3 partitioned, grown from the predecessor.
     family = family_of(cfg.family)
     use_teacher = prev is not None and transfer.align and transfer.alpha > 0
-    teacher = family.load_teacher(prev.model_cfg, prev.weights) if use_teacher else None
+    sharded = zero3 and prev is not None and transfer.teacher != "replicate"
+    teacher, teacher_engine = load_frozen(family, prev, ds_cfg, sharded) if use_teacher else (None, None)
     overwritten = resuming or (prev is not None and transfer.init == "exact")
     model = init_student(family, model_cfg, prev.model_cfg if use_teacher else None, cfg.seed + k,
                          ds_cfg if zero3 else None, init_needed=not overwritten)
@@ -273,7 +283,7 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
         family.enable_activation_checkpointing(model)
     engine = build_engine(model, ds_cfg, settings.weight_decay, family.no_decay)
     device, dtype = placement(engine)
-    if teacher is not None:  # frozen, in the training dtype, beside the student
+    if teacher is not None and not sharded:  # frozen, in the training dtype, beside the student
         teacher = teacher.to(device=device, dtype=dtype)
     checkpointer = StageCheckpointer(engine, ckpt_dir, settings.checkpoint_every_steps, settings.checkpoint_minutes,
                                      settings.keep_checkpoints, rank)
@@ -283,17 +293,23 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     if client is None:
         client = {"step": 0, "curve": [], "metrics": {"grown_tensors": grown}}
         if prev is not None:
-            probe = teacher if teacher is not None else family.load_teacher(prev.model_cfg, prev.weights).to(
-                device=device, dtype=dtype)
+            probe, probe_engine = (teacher, None) if teacher is not None else load_frozen(family, prev, ds_cfg, sharded)
+            if not sharded:
+                probe = probe.to(device=device, dtype=dtype)
             with signals_held():  # its data workers start safe from group signals
                 client["metrics"].update(family.init_metrics(engine, prev.model_cfg, probe, model_cfg, val_ds, cfg))
+            if probe_engine is not None:
+                probe_engine.destroy()
+            del probe, probe_engine
     else:
         clock.resume(client.get("elapsed"))
         if rank == 0:
             print(f"stage {k} {stage.name}: resuming from checkpoint at step {client['step']}")
     metrics: dict[str, Any] = {"stage": k, "name": stage.name, "family": family.name, "steps": steps,
                                "global_batch": settings.batch_size, "ranks": world,
-                               "transfer": transfer.model_dump() if transfer else None, **client["metrics"]}
+                               "transfer": transfer.model_dump() if transfer else None,
+                               **({"teacher": "sharded" if sharded else "replicate"} if prev is not None else {}),
+                               **client["metrics"]}
 
     # Train.
     loader = family.train_loader(train_ds, model_cfg, prev.model_cfg if use_teacher else None,
@@ -336,6 +352,7 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     try:
         sha = save_zero3_module(engine.module, weights, metadata={"format": "pt", "compt_stage": stage.name},
                                 rename=family.export_name, fp32_master=dtype != torch.float32)
+        metrics["memory"] = memory.report()  # collective: every rank's figures, through the save
         metrics.update(clock.state())  # wall_seconds, train_seconds: summed over every resumed segment
         if rank == 0:
             family.write_config(out_dir / "config.json", model_cfg)
@@ -350,8 +367,9 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
                           "command again to resume") from e
     _barrier()
     checkpointer.remove_all()
-    engine.destroy() if hasattr(engine, "destroy") else None
-    del engine, model, teacher
+    for done in (engine, teacher_engine):
+        done.destroy() if hasattr(done, "destroy") else None
+    del engine, model, teacher, teacher_engine
     gc.collect()
     return StageResult(k, stage.name, model_cfg, out_dir, weights, sha, metrics)
 

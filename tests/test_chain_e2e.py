@@ -33,6 +33,10 @@ def test_run_directory_contract(runs):
         assert sha256_file(run_dir / entry["weights"]) == entry["sha256"]
         m = stage_metrics(run_dir, k, entry["name"])
         assert m["ranks"] == 2
+        mem = m["memory"]  # one entry per rank; later stages' teachers are ZeRO-3 partitioned like the students
+        assert len(mem["peak_rss_bytes"]) == len(mem["baseline_rss_bytes"]) == 2
+        assert all(peak >= base > 0 for peak, base in zip(mem["peak_rss_bytes"], mem["baseline_rss_bytes"]))
+        assert m.get("teacher") == ("sharded" if k > 0 else None)
         for key in ("zeroshot_top1", "zeroshot_top5", "samples_seen", "wall_seconds"):
             assert m[key] is not None
         assert set(m["retrieval"]) == {"image_to_text", "text_to_image"}

@@ -39,10 +39,6 @@ def _pct(x: float | None) -> str:
 class ClipFamily:
     name = "clip"
     curve_names = ("contrastive", "alignment")
-    # open_clip initialises nested modules after construction: a model built inside
-    # zero.Init() would keep PyTorch's defaults, so it is built in full unless every
-    # weight is overwritten anyway (see stage.init_student).
-    partitioned_build_ok = True
     data_config = DataConfig
     growth_modes = MODES  # every mode of compt.growth; impossible pairs are reported by chain_problems
     quality = Quality("zeroshot_top1", "top-1", higher_is_better=True)
@@ -97,6 +93,13 @@ class ClipFamily:
 
     def build(self, model_cfg: dict, teacher_cfg: dict | None) -> torch.nn.Module:
         return build_clip(model_cfg, align_to_dim=teacher_cfg["embed_dim"] if teacher_cfg else None)
+
+    def library_inits(self) -> list:
+        """open_clip re-initialises the text tower from TextTransformer.__init__ after its blocks exist, through
+        torch.nn.init, one tensor at a time."""
+        from compt.partition import torch_inits
+
+        return torch_inits()
 
     def plan(self, name: str, prev_cfg: dict, model_cfg: dict, mode: str, noise: float, seed: int):
         return plan_tensor(name, prev_cfg, model_cfg, mode, noise, seed)

@@ -38,8 +38,6 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 class LlamaFamily:
     name = "llama"
     curve_names = ("lm", "distill")
-    # transformers initialises and ties weights after construction; build in full, then partition.
-    partitioned_build_ok = False
     data_config = TextDataConfig
     growth_modes = MODES  # every mode of compt.growth; impossible pairs are reported by chain_problems
     quality = Quality("val_ppl", "val ppl", higher_is_better=False)
@@ -118,6 +116,16 @@ class LlamaFamily:
 
     def build(self, model_cfg: dict, teacher_cfg: dict | None) -> torch.nn.Module:
         return ChainCausalLM(model_cfg)
+
+    def library_inits(self) -> list:
+        """transformers initialises from post_init, once every submodule exists, module by module through
+        PreTrainedModel._initialize_weights(module), which writes that module's own parameters."""
+        from transformers import PreTrainedModel
+
+        from compt.partition import LibraryInit
+
+        return [LibraryInit(PreTrainedModel, "_initialize_weights",
+                            lambda model, module, *args, **kwargs: module.parameters(recurse=False))]
 
     def plan(self, name: str, prev_cfg: dict, model_cfg: dict, mode: str, noise: float, seed: int):
         return plan_tensor(plan_name(name), prev_cfg, model_cfg, mode, noise, seed)
