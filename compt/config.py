@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from compt.data import DataConfig
 from compt.families import DEFAULT_FAMILY, FAMILIES, REGISTRY, family_of
 from compt.growth import MODES
+from compt.streaming import epoch_budget_problems
 from compt.text.config import TextDataConfig
 
 PRESETS = {"demo": "demo.yaml", "llama-demo": "llama-demo.yaml"}
@@ -83,7 +84,6 @@ class Transfer(_Strict):
         None, description="the frozen predecessor under ZeRO-3: sharded (the default there: partitioned like the "
                           "student, parameters gathered per module in its forward; least memory) or replicate (a "
                           "full copy on every rank: faster, more memory); without ZeRO-3 it is always a full copy")
-
 
 
 class TrainSettings(_Strict):
@@ -193,7 +193,7 @@ def _triton_runs() -> bool:
 
 def chain_problems(cfg: ChainConfig) -> list[str]:
     """Problems a well-typed config can still have: data, kernels, names; the family's: models, sizes, growth."""
-    problems = list(cfg.data.problems())
+    problems = list(cfg.data.problems()) + epoch_budget_problems(cfg)
     if cfg.kernels == "triton" and not _triton_runs():
         problems.append("kernels: 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret the kernels on CPU, "
                         "slowly); use 'auto' to pick Triton where it runs and the PyTorch reference elsewhere")

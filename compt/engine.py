@@ -90,25 +90,31 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
 # transformers' DeepSpeed integration fills these "auto" values from the model's hidden size h (its
 # trainer_config_finalize); each with the lowest ZeRO stage that uses it. DeepSpeed's own defaults (a 500M-element
 # reduce bucket, 50M prefetch, 100k persistence threshold) are the same for a 32-wide test model and a 70B one.
-ZERO_BUFFERS: dict[str, tuple[int, Callable[[int], int]]] = {
-    "reduce_bucket_size": (1, lambda h: h * h),
-    "stage3_prefetch_bucket_size": (3, lambda h: int(0.9 * h * h)),
-    "stage3_param_persistence_threshold": (3, lambda h: 10 * h),
+# (lowest ZeRO stage, rule, also filled when the ds_config leaves it out). stage3_prefetch_bucket_size follows its
+# rule only where the ds_config says "auto": it bounds what is fetched ahead rather than reserving memory, and
+# DeepSpeed 0.19.8 fails a save with "Cannot partition a param in flight" when it is as small as 0.9 h*h for a
+# tiny model and the LLaMA wrapper's lm_head is an external parameter (reproduced on 83c6ef6 with only that key set).
+ZERO_BUFFERS: dict[str, tuple[int, Callable[[int], int], bool]] = {
+    "reduce_bucket_size": (1, lambda h: h * h, True),
+    "stage3_prefetch_bucket_size": (3, lambda h: int(0.9 * h * h), False),
+    "stage3_param_persistence_threshold": (3, lambda h: 10 * h, True),
 }
 
 
 def zero_buffers(ds_config: dict[str, Any], hidden_size: int | None) -> dict[str, dict[str, Any]]:
     """Each ZeRO buffer the engine uses: ``{"value": n, "from": "ds_config" | "hidden size h"}``. A value the
-    ds_config sets wins; one it leaves out or sets to "auto" follows ZERO_BUFFERS (left to DeepSpeed's default
+    ds_config sets wins; one it sets to "auto" (or leaves out, for those ZERO_BUFFERS fills then) follows ZERO_BUFFERS (left to DeepSpeed's default
     without ``hidden_size``; "auto" then is an error naming the field)."""
     zero = ds_config.get("zero_optimization") or {}
     out = {}
-    for key, (lowest, rule) in ZERO_BUFFERS.items():
+    for key, (lowest, rule, when_absent) in ZERO_BUFFERS.items():
         if zero_stage(ds_config) < lowest:
             continue
         value = zero.get(key)
         if value is not None and value != "auto":
             out[key] = {"value": value, "from": "ds_config"}
+        elif value is None and not when_absent:
+            continue
         elif hidden_size is not None:
             out[key] = {"value": rule(hidden_size), "from": f"hidden size {hidden_size}"}
         elif value == "auto":

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from compt.checkpoint import StageCheckpointer, StageInterrupted, StopRequest, any_rank
 from compt.config import ChainConfig
 from compt.devices import placement
-from compt.engine import build_engine, merge_ds_config, stage_ds_config, zero_stage
+from compt.engine import build_engine, merge_ds_config, stage_ds_config, zero_buffers, zero_stage
 from compt.families import DEFAULT_FAMILY, Family, family_of
 from compt.faults import (Counters, StageFailed, bad_data_message, gather_examples, nonfinite_message,
                           sum_across_ranks, too_much_bad_data)
@@ -172,7 +172,8 @@ def train_loop(engine, loader, loss_step, teacher, *, steps: int, start: int, cu
 
     def save(step: int) -> None:
         checkpointer.save(step, {**client, "step": step, "curve": curve, "counters": counters.state(),
-                                 **({"elapsed": clock.state()} if clock is not None else {})})
+                                 **({"elapsed": clock.state()} if clock is not None else {}),
+                                 **({"data": loader.state()} if hasattr(loader, "state") else {})})  # streamed
 
     engine.train()
     step_finite, step_bad = True, 0
@@ -258,7 +259,8 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     stage = cfg.stages[k]
     model_cfg, settings, transfer = cfg.model_cfg(k), stage.settings(cfg.defaults), cfg.transfer(k)
     steps = stage.budget.steps_for(len(train_ds), settings.batch_size)
-    ds_cfg = stage_ds_config(merge_ds_config(ds_base, stage.deepspeed), settings, steps, world)
+    engine_base, hidden = merge_ds_config(ds_base, stage.deepspeed), family_of(cfg.family).hidden_size(model_cfg)
+    ds_cfg = stage_ds_config(engine_base, settings, steps, world, hidden_size=hidden)
     zero3 = zero_stage(ds_cfg) == 3
     out_dir = run.stage_dir(k, stage.name)
     ckpt_dir = out_dir / "checkpoints"
@@ -307,6 +309,7 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
             print(f"stage {k} {stage.name}: resuming from checkpoint at step {client['step']}")
     metrics: dict[str, Any] = {"stage": k, "name": stage.name, "family": family.name, "steps": steps,
                                "global_batch": settings.batch_size, "ranks": world,
+                               "zero_buffers": zero_buffers(engine_base, hidden),
                                "transfer": transfer.model_dump() if transfer else None,
                                **({"teacher": "sharded" if sharded else "replicate"} if prev is not None else {}),
                                **client["metrics"]}
@@ -315,7 +318,8 @@ def train_stage(k: int, cfg: ChainConfig, ds_base: dict, run: RunDir, prev: Stag
     loader = family.train_loader(train_ds, model_cfg, prev.model_cfg if use_teacher else None,
                                  global_batch=settings.batch_size, steps=steps, rank=rank, world=world,
                                  gas=engine.gradient_accumulation_steps(), seed=cfg.seed + k,
-                                 start_step=client["step"], **loader_options(cfg.data, engine.device))
+                                 start_step=client["step"], **loader_options(cfg.data, engine.device),
+                                 **({"data_state": client["data"]} if client.get("data") else {}))
     curve = list(client["curve"])
     counters = Counters.from_state(client.get("counters"))
     student_per_sample = family.sample_flops(model_cfg, cfg.data)[0]

@@ -81,6 +81,10 @@ def deepspeed_launch(args: list[str], port: int, timeout: int = 600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    from compt.distributed import shm_buffer
+
+    left = [shm_buffer(r, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(8)]
+    assert not any(p.exists() for p in left), f"DeepSpeed's shared-memory buffers left in /dev/shm: {left}"
     return proc
 
 

@@ -63,17 +63,21 @@ def test_zero_buffers_the_ds_config_leaves_open_follow_the_hidden_size():
     h = 64
     cfg = stage_ds_config(_zero3(), TrainSettings(batch_size=8), 10, 1, hidden_size=h)
     zero = cfg["zero_optimization"]
-    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (4096, 3686)
+    assert zero["reduce_bucket_size"] == 4096
+    assert "stage3_prefetch_bucket_size" not in zero  # sized only when "auto" (see compt.engine.ZERO_BUFFERS)
     assert zero["stage3_param_persistence_threshold"] == 0  # the file's own value
     assert "stage3_max_live_parameters" not in zero  # no rule: DeepSpeed's default
     parsed = DeepSpeedZeroConfig(**zero)  # what DeepSpeed reads: "auto" would not parse
-    assert parsed.reduce_bucket_size == 4096 and parsed.prefetch_bucket_size == 3686
+    assert parsed.reduce_bucket_size == 4096
 
     auto = stage_ds_config(_zero3(reduce_bucket_size="auto", stage3_param_persistence_threshold="auto",
                                   stage3_prefetch_bucket_size=1000), TrainSettings(batch_size=8), 10, 1, hidden_size=h)
     assert auto["zero_optimization"]["reduce_bucket_size"] == 4096
     assert auto["zero_optimization"]["stage3_param_persistence_threshold"] == 640
     assert auto["zero_optimization"]["stage3_prefetch_bucket_size"] == 1000
+    fetch = stage_ds_config(_zero3(stage3_prefetch_bucket_size="auto"), TrainSettings(batch_size=8), 10, 1,
+                            hidden_size=h)["zero_optimization"]
+    assert DeepSpeedZeroConfig(**fetch).prefetch_bucket_size == 3686
 
 
 def test_zero_buffers_say_where_each_value_came_from():
@@ -82,7 +86,6 @@ def test_zero_buffers_say_where_each_value_came_from():
     h = 256
     assert zero_buffers(_zero3(), h) == {
         "reduce_bucket_size": {"value": 65536, "from": "hidden size 256"},
-        "stage3_prefetch_bucket_size": {"value": 58982, "from": "hidden size 256"},
         "stage3_param_persistence_threshold": {"value": 0, "from": "ds_config"},
     }
     zero2 = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
@@ -91,3 +94,14 @@ def test_zero_buffers_say_where_each_value_came_from():
     assert zero_buffers(_zero3(), None) == {"stage3_param_persistence_threshold": {"value": 0, "from": "ds_config"}}
     with pytest.raises(ValueError, match='zero_optimization.reduce_bucket_size is "auto"'):
         zero_buffers(_zero3(reduce_bucket_size="auto"), None)
+
+
+def test_each_family_names_the_width_its_buffers_follow():
+    from compt.families import family_of
+
+    assert family_of("clip").hidden_size(tiny_model(64, 1, embed=48)) == 64
+    wide_text = tiny_model(32, 1)
+    wide_text["text_cfg"]["width"] = 96
+    assert family_of("clip").hidden_size(wide_text) == 96  # the wider tower
+    assert family_of("clip").hidden_size({"embed_dim": 512}) == 768  # open_clip's default vision width
+    assert family_of("llama").hidden_size({"hidden_size": 256, "num_hidden_layers": 2}) == 256

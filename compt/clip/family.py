@@ -94,6 +94,14 @@ class ClipFamily:
     def build(self, model_cfg: dict, teacher_cfg: dict | None) -> torch.nn.Module:
         return build_clip(model_cfg, align_to_dim=teacher_cfg["embed_dim"] if teacher_cfg else None)
 
+    def hidden_size(self, model_cfg: dict) -> int:
+        """The wider tower's width (transformers takes the largest of a model's hidden_sizes); a width the
+        config leaves out is open_clip's default for it."""
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+        return max(int(model_cfg.get("vision_cfg", {}).get("width", CLIPVisionCfg.width)),
+                   int(model_cfg.get("text_cfg", {}).get("width", CLIPTextCfg.width)))
+
     def library_inits(self) -> list:
         """open_clip re-initialises the text tower from TextTransformer.__init__ after its blocks exist, through
         torch.nn.init, one tensor at a time."""

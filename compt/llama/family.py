@@ -60,6 +60,9 @@ class LlamaFamily:
             return ["data: a llama chain trains on text; give data.kind pydoc, text, jsonl or hf"]
         problems: list[str] = []
         effective: list[dict | None] = []  # what each stage builds (exact growth rescales the norm eps)
+        vocab = cfg.data.tokenizer_size()  # None: data.tokenizer_path does not load (data.problems says why)
+        vocab_source = (f"data.vocab_size {vocab} (the tokenizer's size)" if cfg.data.tokenizer_path is None
+                        else f"the {vocab} tokens of data.tokenizer_path '{cfg.data.tokenizer_path}'")
         for k, stage in enumerate(cfg.stages):
             p = llama_config_problem(stage.model)
             if p:
@@ -75,10 +78,9 @@ class LlamaFamily:
                                     "use another mode or change the model")
                 elif mode == "exact":
                     m = exact_config(effective[k - 1], m)
-            if m["vocab_size"] < cfg.data.vocab_size:
-                problems.append(f"stages.{k}.model.vocab_size: {m['vocab_size']} is below data.vocab_size "
-                                f"{cfg.data.vocab_size} (the tokenizer's size); raise it to at least "
-                                f"{cfg.data.vocab_size}")
+            if vocab is not None and m["vocab_size"] < vocab:
+                problems.append(f"stages.{k}.model.vocab_size: {m['vocab_size']} is below {vocab_source}; "
+                                f"raise it to at least {vocab}")
             if m["max_position_embeddings"] < cfg.data.seq_len:
                 problems.append(f"stages.{k}.model.max_position_embeddings: {m['max_position_embeddings']} is "
                                 f"below data.seq_len {cfg.data.seq_len}; raise it or lower data.seq_len")
@@ -107,7 +109,10 @@ class LlamaFamily:
     def train_size(self, data_cfg) -> int:
         import tempfile
 
-        from compt.text import build_text_datasets
+        from compt.text import build_text_datasets, stream_size
+
+        if data_cfg.streaming:
+            return stream_size(data_cfg)
 
         with tempfile.TemporaryDirectory() as tmp:  # the tokenizer is trained, counted, and dropped
             return len(build_text_datasets(data_cfg, tmp).train)
@@ -116,6 +121,9 @@ class LlamaFamily:
 
     def build(self, model_cfg: dict, teacher_cfg: dict | None) -> torch.nn.Module:
         return ChainCausalLM(model_cfg)
+
+    def hidden_size(self, model_cfg: dict) -> int:
+        return int(model_cfg["hidden_size"])
 
     def library_inits(self) -> list:
         """transformers initialises from post_init, once every submodule exists, module by module through
