@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from compt.checkpoint import CheckpointError, StageCheckpointer  # noqa: E402
 from compt.config import TrainSettings  # noqa: E402
+from compt.distributed import release_shared_memory  # noqa: E402
 from compt.engine import build_engine, read_ds_config, stage_ds_config  # noqa: E402
 from compt.families import family_of  # noqa: E402
 from compt.stage import init_student  # noqa: E402
@@ -29,6 +30,7 @@ from conftest import REPO, tiny_model  # noqa: E402
 
 scenario, root = sys.argv[1], Path(sys.argv[2])
 deepspeed.init_distributed(dist_backend="gloo")
+release_shared_memory(torch.distributed.get_rank(), torch.distributed.get_world_size())  # as compt's launcher does
 ds = stage_ds_config(read_ds_config(REPO / "ds_configs" / "zero3.json"), TrainSettings(batch_size=4), 10, 1)
 
 

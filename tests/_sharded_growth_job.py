@@ -14,6 +14,7 @@ import deepspeed
 import torch
 
 from compt.config import Transfer
+from compt.distributed import release_shared_memory
 from compt.families import all_families
 from compt.partition import frozen_engine, load_partitioned
 from compt.stage import StageResult, grow_into, init_student
@@ -21,6 +22,7 @@ from compt.weights import save_zero3_module
 
 small_path, small_cfg, big_cfg, modes, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 deepspeed.init_distributed()
+release_shared_memory(torch.distributed.get_rank(), torch.distributed.get_world_size())  # as compt's launcher does
 small_cfg, big_cfg = json.loads(Path(small_cfg).read_text()), json.loads(Path(big_cfg).read_text())
 family = next(f for f in all_families() if f.is_model_config(big_cfg))
 ds = {"train_batch_size": 2, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
