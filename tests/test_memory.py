@@ -22,11 +22,17 @@ def test_peak_is_per_stage_not_per_process():
     stage = StageMemory()
     assert stage.resettable
     assert peak_rss_bytes() < stage.baseline + 150 * MIB  # the earlier 300 MiB no longer counts
-    _touch(200)
+    block = np.ones(200 * MIB, dtype=np.uint8)  # written, so resident
+    during = rss_bytes()
+    assert during > stage.baseline + 150 * MIB
+    del block
     report = stage.report()
     assert report["peak_rss_since"] == "stage start"
     assert len(report["peak_rss_bytes"]) == len(report["baseline_rss_bytes"]) == 1  # one rank, no process group
-    assert report["peak_rss_bytes"][0] >= report["baseline_rss_bytes"][0] + 200 * MIB
+    # The block counted, within a few MiB of the RSS while it lived: pages resident at the baseline may be
+    # returned meanwhile (baseline + 200 MiB was missed by 8 KiB in the full suite), and the kernel's RSS
+    # counters are batched per CPU (VmHWM was 64 KiB below an earlier VmRSS reading).
+    assert report["peak_rss_bytes"][0] >= max(during - 4 * MIB, report["baseline_rss_bytes"][0] + 150 * MIB)
     assert "peak_accelerator_bytes" not in report  # CPU: no accelerator figure
 
 
